@@ -1,0 +1,3 @@
+from paragate.cli import main
+
+main()

@@ -1,0 +1,193 @@
+"""Settings: one frozen object, read once at start-up.
+
+Sources, later ones winning: the defaults in ``SETTINGS``, an optional TOML file
+(``PARAGATE_CONFIG=path``, keys are the setting names), then ``PARAGATE_<NAME>``
+environment variables. An unknown key in the file, or an unknown ``PARAGATE_*``
+variable, is an error rather than a silence: a typo must not quietly run with a default.
+The same table feeds ``paragate settings``, docs/configuration.md and a test that keeps
+the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NON_SETTING_VARIABLES", "SETTINGS", "ConfigError", "Setting", "Settings", "load"]
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value, or a key is unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "PARAGATE_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "database_url",
+        "sqlite:///paragate.db",
+        "SQLAlchemy URL of the store. SQLite (default, a file in the working directory) "
+        "or PostgreSQL (postgresql+psycopg://user@host/db).",
+    ),
+    Setting("host", "127.0.0.1", "Address `paragate serve` listens on."),
+    Setting("port", 8080, "Port `paragate serve` listens on."),
+    Setting("workers", 1, "Worker processes for `paragate serve`."),
+    Setting("log_level", "info", "Log level: debug, info, warning or error."),
+    Setting("access_log", False, "Log one line per HTTP request."),
+    Setting(
+        "max_body_bytes",
+        4 * 1024 * 1024,
+        "Largest request body accepted; a larger one is answered 413.",
+    ),
+    Setting(
+        "default_max_logprobs",
+        5,
+        "Largest `logprobs` a request may ask for, unless the model sets its own maximum.",
+    ),
+    Setting(
+        "upstream_connect_timeout",
+        5.0,
+        "Seconds to open a connection to vLLM before answering 503.",
+    ),
+    Setting(
+        "upstream_read_timeout",
+        600.0,
+        "Seconds to wait for vLLM's next byte (response headers or stream data) "
+        "before answering 504.",
+    ),
+    Setting(
+        "upstream_max_connections",
+        1024,
+        "Most keep-alive connections open to one upstream at once (0: no limit).",
+    ),
+    Setting(
+        "refresh_interval",
+        1.0,
+        "Seconds between checks of the store for changed keys and models: a revoked key "
+        "or a new model takes effect within this time.",
+    ),
+    Setting(
+        "usage_flush_interval",
+        0.5,
+        "Seconds between batched writes of usage records to the store.",
+    ),
+)
+
+# PARAGATE_* variables that are read by something other than the gateway's settings.
+NON_SETTING_VARIABLES = frozenset(
+    {
+        "PARAGATE_CONFIG",  # path of the optional TOML file
+        "PARAGATE_CACHE",  # tools/localvllm.py: where the vLLM venv and demo model live
+        "PARAGATE_VLLM_VENV",  # tools/localvllm.py
+        "PARAGATE_VLLM_PACKAGE",  # tools/localvllm.py
+        "PARAGATE_TEST_POSTGRES_URL",  # tests
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The gateway's settings; see ``SETTINGS`` for what each one means."""
+
+    database_url: str = "sqlite:///paragate.db"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    log_level: str = "info"
+    access_log: bool = False
+    max_body_bytes: int = 4 * 1024 * 1024
+    default_max_logprobs: int = 5
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 600.0
+    upstream_max_connections: int = 1024
+    refresh_interval: float = 1.0
+    usage_flush_interval: float = 0.5
+
+    def replace(self, **changes: Any) -> Settings:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+_TYPES: dict[str, type] = {s.name: type(s.default) for s in SETTINGS}
+if [f.name for f in fields(Settings)] != [s.name for s in SETTINGS]:  # pragma: no cover
+    raise RuntimeError("Settings and SETTINGS disagree")  # a bug, caught at import
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = _TYPES[name]
+    if isinstance(raw, str) and kind is not str:
+        text = raw.strip().lower()
+        try:
+            if kind is bool:
+                if text in ("1", "true", "yes", "on"):
+                    return True
+                if text in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if type(raw) is not kind:
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}")
+    return raw
+
+
+def _check(settings: Settings) -> Settings:
+    if settings.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
+    for name in ("port", "workers", "max_body_bytes", "upstream_max_connections"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{name}: must not be negative")
+    if settings.workers < 1:
+        raise ConfigError("workers: must be at least 1")
+    for name in ("upstream_connect_timeout", "upstream_read_timeout", "refresh_interval",
+                 "usage_flush_interval"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name}: must be greater than 0")
+    if not 0 <= settings.default_max_logprobs <= 20:
+        raise ConfigError("default_max_logprobs: must be between 0 and 20")
+    return settings
+
+
+def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the file, the environment and explicit ``overrides``."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = env.get("PARAGATE_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read PARAGATE_CONFIG={path}: {exc}") from None
+        for key, raw in data.items():
+            if key not in _TYPES:
+                raise ConfigError(f"unknown setting {key!r} in {path}")
+            values[key] = _coerce(key, raw)
+    known = {s.env: s.name for s in SETTINGS}
+    for var, raw in env.items():
+        if not var.startswith("PARAGATE_") or var in NON_SETTING_VARIABLES:
+            continue
+        if var not in known:
+            raise ConfigError(f"unknown environment variable {var}")
+        values[known[var]] = _coerce(known[var], raw)
+    for key, raw in overrides.items():
+        if raw is not None:
+            values[key] = _coerce(key, raw)
+    return _check(Settings(**values))

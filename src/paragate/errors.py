@@ -1,0 +1,182 @@
+"""Every error paragate sends, and the one envelope they are rendered in.
+
+Code raises one of these; a single handler in ``app`` renders it as::
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str}}
+
+``code`` is always a string (OpenAI's convention, so ``openai`` SDK users can match on
+``err.code``); vLLM's integer status is the HTTP status itself.
+
+Hierarchy::
+
+    GatewayError                      500 server_error / internal_error
+    ├── InvalidRequest                400 invalid_request_error / invalid_value
+    │   ├── RequestTooLarge           413 invalid_request_error / request_too_large
+    │   └── UnsupportedMediaType      415 invalid_request_error / unsupported_media_type
+    ├── AuthenticationFailed          401 authentication_error / invalid_api_key
+    ├── PermissionDenied              403 permission_error / permission_denied
+    ├── NotFound                      404 invalid_request_error / not_found
+    │   └── ModelNotFound             404 invalid_request_error / model_not_found
+    ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── UpstreamRejected              4xx (vLLM's status, type and message) / upstream_error
+    ├── UpstreamFailed                502 upstream_error / upstream_error
+    ├── UpstreamUnavailable           503 upstream_error / upstream_unavailable
+    └── UpstreamTimeout               504 upstream_error / upstream_timeout
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+__all__ = [
+    "AuthenticationFailed",
+    "GatewayError",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "ModelNotFound",
+    "NotFound",
+    "PermissionDenied",
+    "RequestTooLarge",
+    "UnsupportedMediaType",
+    "UpstreamFailed",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class GatewayError(Exception):
+    """Base of every error rendered to a client."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers or {}
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def error_type(self) -> str:
+        return self.type
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def render(self) -> bytes:
+        return msgspec.json.encode(self.body())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class RequestTooLarge(InvalidRequest):
+    status = 413
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"www-authenticate": "Bearer"})
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class UpstreamRejected(GatewayError):
+    """A 4xx from vLLM, relayed with vLLM's own status, type, message and param."""
+
+    default_code = "upstream_error"
+
+    def __init__(
+        self, status: int, message: str, error_type: str, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self._status = status
+        self._type = error_type
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+    @property
+    def error_type(self) -> str:
+        return self._type
+
+
+class UpstreamFailed(GatewayError):
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 503
+    type = "upstream_error"
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "upstream_error"
+    default_code = "upstream_timeout"

@@ -1,0 +1,73 @@
+"""The gateway's parts, built from the settings, and their start and stop.
+
+Everything a handler may use hangs here, typed; nothing is looked up by name at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from .config import Settings
+from .registry import Registry
+from .store import Store
+from .upstream import Upstreams
+from .usage import UsageRecorder
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("paragate")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    store: Store
+    registry: Registry
+    upstreams: Upstreams
+    recorder: UsageRecorder
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings, store: Store | None = None) -> Gateway:
+        store = store or Store(settings.database_url)
+        return cls(
+            settings=settings,
+            store=store,
+            registry=Registry(
+                store,
+                default_max_logprobs=settings.default_max_logprobs,
+                refresh_interval=settings.refresh_interval,
+            ),
+            upstreams=Upstreams(
+                connect_timeout=settings.upstream_connect_timeout,
+                read_timeout=settings.upstream_read_timeout,
+                max_connections=settings.upstream_max_connections,
+            ),
+            recorder=UsageRecorder(store, flush_interval=settings.usage_flush_interval),
+        )
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.migrate)
+        await self.registry.refresh()
+        self._tasks = [
+            asyncio.create_task(self.registry.run(), name="paragate-refresh"),
+            asyncio.create_task(self.recorder.run(), name="paragate-usage"),
+        ]
+        log.info("paragate ready: %d keys, %d enabled models",
+                 len(self.registry.keys), len(self.registry.routes))
+
+    async def stop(self) -> None:
+        refresh, usage = self._tasks or (None, None)
+        if refresh is not None:
+            refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresh
+        if usage is not None:
+            self.recorder.stop()  # it writes what is pending, then returns
+            await usage
+        await self.upstreams.close()
+        self.store.close()  # closes pooled connections; the engine stays usable
+        self._tasks = []

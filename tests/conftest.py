@@ -1,0 +1,141 @@
+"""Shared fixtures: a real store (SQLite, or PostgreSQL on 127.0.0.1), the fake vLLM,
+and the gateway driven in-process through ASGI."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from paragate.app import App
+from paragate.auth import new_key
+from paragate.config import Settings
+from paragate.gateway import Gateway
+from paragate.store import ModelRecord, Store
+
+from .fake_vllm import FakeVLLM
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "PARAGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+FAKE_BEHAVIOURS = ("slow", "hang", "drop", "error-event", "status-400", "status-404",
+                   "status-500", "status-503", "garbage")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of its own on the machine's PostgreSQL, dropped afterwards."""
+    name = f"paragate_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        admin.dispose()
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not usable: {exc}")
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'paragate.db'}"
+        return
+    url: str = request.getfixturevalue("postgres_url")
+    yield url
+    # leave the database empty for the next test
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS usage_records, models, api_keys, "
+                          "config_state, alembic_version"))
+    engine.dispose()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeVLLM]:
+    server = await FakeVLLM().start()
+    yield server
+    await server.stop()
+
+
+@dataclass
+class Keys:
+    full: str
+    admin: str
+    restricted: str  # may use alfred-4.2 only
+    revoked: str
+    expired: str
+    full_id: str
+
+
+def make_key(store: Store, name: str, **kw: object) -> tuple[str, str]:
+    token, public_id, secret_hash = new_key()
+    store.add_key(public_id=public_id, secret_hash=secret_hash, name=name, **kw)  # type: ignore[arg-type]
+    return token, public_id
+
+
+def seed(store: Store, fake: FakeVLLM) -> Keys:
+    store.add_model(ModelRecord(name="alfred-4.2", upstream_url=fake.base_url,
+                                upstream_model="ok", display_name="Alfred 4.2"))
+    store.add_model(ModelRecord(name="limited", upstream_url=fake.base_url,
+                                upstream_model="ok", max_logprobs=2, default_max_tokens=3,
+                                max_tokens_limit=10))
+    store.add_model(ModelRecord(name="off", upstream_url=fake.base_url, upstream_model="ok",
+                                enabled=False))
+    store.add_model(ModelRecord(name="down", upstream_url="http://127.0.0.1:9/v1",
+                                upstream_model="ok"))
+    for behaviour in FAKE_BEHAVIOURS:
+        store.add_model(ModelRecord(name=behaviour, upstream_url=fake.base_url,
+                                    upstream_model=behaviour))
+    full, full_id = make_key(store, "full")
+    admin, _ = make_key(store, "admin", is_admin=True)
+    restricted, _ = make_key(store, "restricted", allowed_models=["alfred-4.2"])
+    revoked, revoked_id = make_key(store, "revoked")
+    store.revoke_key(revoked_id)
+    expired, _ = make_key(store, "expired",
+                          expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    return Keys(full=full, admin=admin, restricted=restricted, revoked=revoked,
+                expired=expired, full_id=full_id)
+
+
+TEST_SETTINGS = Settings(refresh_interval=0.05, usage_flush_interval=0.05,
+                         upstream_read_timeout=2.0, upstream_connect_timeout=1.0,
+                         max_body_bytes=64 * 1024)
+
+
+@pytest.fixture
+def keys(store: Store, fake: FakeVLLM) -> Keys:
+    return seed(store, fake)
+
+
+@pytest.fixture
+async def gateway(store: Store, keys: Keys) -> AsyncIterator[Gateway]:
+    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url)), store)
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture
+async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=App(gateway))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+        yield c

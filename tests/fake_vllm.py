@@ -1,0 +1,118 @@
+"""A small fake of vLLM's ``/v1/completions`` for the faults a real vLLM can't be made
+to produce on demand.
+
+The served model name picks the behaviour, so one fake serves every case:
+
+=================  ==========================================================
+``ok``             answers like vLLM (JSON, or SSE with an optional usage chunk)
+``slow``           streams one chunk every 50 ms (for disconnect tests)
+``hang``           accepts the request and never answers
+``drop``           streams two chunks, then closes the connection mid-stream
+``error-event``    streams one chunk, then vLLM's in-stream error event
+``status-400``     answers 400 with vLLM's error body (any ``status-NNN``)
+``garbage``        answers 200 with a body that is not JSON
+=================  ==========================================================
+
+Every request body is kept in ``FakeVLLM.requests``; ``FakeVLLM.closed_early`` counts
+streams whose client went away before the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["FakeVLLM"]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class FakeVLLM:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.closed_early = 0
+        self.connections = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> FakeVLLM:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        model = body["model"]
+        if model.startswith("status-"):
+            status = int(model.removeprefix("status-"))
+            return web.json_response(
+                {"error": {"message": f"fake refusal {status}", "type": "BadRequestError",
+                           "param": "max_tokens", "code": status}}, status=status)
+        if model == "hang":
+            await asyncio.sleep(3600)
+        if model == "garbage":
+            return web.Response(body=b"<html>oops</html>", content_type="text/html")
+        n_tokens = int(body.get("max_tokens") or 16)
+        created = int(time.time())
+        base = {"id": "cmpl-fake", "object": "text_completion", "created": created,
+                "model": model}
+        usage = {"prompt_tokens": 3, "total_tokens": 3 + n_tokens,
+                 "completion_tokens": n_tokens, "prompt_tokens_details": None}
+        if not body.get("stream"):
+            return web.Response(body=_dumps({
+                **base,
+                "choices": [{"index": 0, "text": " tok" * n_tokens, "logprobs": None,
+                             "finish_reason": "length", "stop_reason": None,
+                             "prompt_logprobs": None}],
+                "usage": usage, "service_tier": None, "system_fingerprint": None,
+                "kv_transfer_params": None,
+            }), content_type="application/json")
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i in range(n_tokens):
+                chunk = {**base, "choices": [{"index": 0, "text": f" t{i}", "logprobs": None,
+                                              "finish_reason": None, "stop_reason": None}]}
+                await response.write(b"data: " + _dumps(chunk) + b"\n\n")
+                if model == "slow":
+                    await asyncio.sleep(0.05)
+                if model == "drop" and i == 1:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                if model == "error-event":
+                    error = {"error": {"message": "engine died", "type": "InternalServerError",
+                                       "param": None, "code": 500}}
+                    await response.write(b"data: " + _dumps(error) + b"\n\n")
+                    await response.write(b"data: [DONE]\n\n")
+                    return response
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await response.write(b"data: " + _dumps({**base, "choices": [],
+                                                         "usage": usage}) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.closed_early += 1
+            raise
+        return response
