@@ -117,7 +117,7 @@ def seed(store: Store, fake: FakeVLLM) -> Keys:
 
 
 TEST_SETTINGS = Settings(refresh_interval=0.05, usage_flush_interval=0.05,
-                         upstream_read_timeout=2.0, upstream_connect_timeout=1.0,
+                         upstream_read_timeout=1.0, upstream_connect_timeout=1.0,
                          max_body_bytes=64 * 1024)
 
 

@@ -90,6 +90,7 @@ SETTINGS: tuple[Setting, ...] = (
 NON_SETTING_VARIABLES = frozenset(
     {
         "PARAGATE_CONFIG",  # path of the optional TOML file
+        "PARAGATE_UPSTREAM_API_KEY",  # `paragate models add/update --upstream-api-key`
         "PARAGATE_CACHE",  # tools/localvllm.py: where the vLLM venv and demo model live
         "PARAGATE_VLLM_VENV",  # tools/localvllm.py
         "PARAGATE_VLLM_PACKAGE",  # tools/localvllm.py

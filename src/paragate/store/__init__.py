@@ -147,7 +147,7 @@ class Store:
             raise StoreError(f"a model named {model.name!r} exists already") from None
         return self.get_model(model.name)
 
-    def update_model(self, name: str, **changes: Any) -> ModelRecord:
+    def update_model(self, name: str, /, **changes: Any) -> ModelRecord:
         unknown = set(changes) - _MODEL_FIELDS
         if unknown:
             raise StoreError(f"unknown model fields: {', '.join(sorted(unknown))}")

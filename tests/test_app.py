@@ -1,0 +1,106 @@
+"""The route table: authentication around every route but the public ones."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from paragate.app import PUBLIC_PATHS, ROUTES
+
+from .conftest import Keys
+from .test_completions import assert_envelope, auth
+
+
+def concrete(path: str) -> str:
+    return path.replace("{model}", "alfred-4.2")
+
+
+PROTECTED = [(p, m) for p, methods in ROUTES.items() for m in methods if p not in PUBLIC_PATHS]
+
+
+def test_public_routes_are_few_and_known() -> None:
+    assert set(PUBLIC_PATHS) == {"/health", "/api/v2/openapi.json"}
+    assert set(PUBLIC_PATHS) <= set(ROUTES)
+    assert len(PROTECTED) >= 3
+
+
+@pytest.mark.parametrize(("path", "method"), PROTECTED)
+@pytest.mark.parametrize("header", [
+    None, "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer not-a-key",
+    "Bearer pg-000000000000-wrongsecret",
+])
+async def test_every_protected_route_needs_a_valid_key(
+    client: httpx.AsyncClient, keys: Keys, path: str, method: str, header: str | None
+) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    r = await client.request(method, concrete(path), headers=headers,
+                             json={"model": "alfred-4.2", "prompt": "x"})
+    assert_envelope(r, 401, "invalid_api_key", type_="authentication_error")
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(("path", "method"), PROTECTED)
+@pytest.mark.parametrize(("which", "words"), [("revoked", "revoked"), ("expired", "expired")])
+async def test_revoked_and_expired_keys_refused(
+    client: httpx.AsyncClient, keys: Keys, path: str, method: str, which: str, words: str
+) -> None:
+    key = getattr(keys, which)
+    r = await client.request(method, concrete(path), headers=auth(key),
+                             json={"model": "alfred-4.2", "prompt": "x"})
+    err = assert_envelope(r, 401, "invalid_api_key")
+    assert words in err["message"]
+    assert key not in r.text
+
+
+async def test_the_key_is_never_echoed(client: httpx.AsyncClient, keys: Keys) -> None:
+    wrong = keys.full[:-4] + "AAAA"
+    r = await client.get("/api/v2/models", headers=auth(wrong))
+    assert_envelope(r, 401, "invalid_api_key")
+    assert wrong not in r.text and wrong[-20:] not in r.text
+
+
+@pytest.mark.parametrize("path", sorted(PUBLIC_PATHS))
+async def test_public_routes_answer_without_a_key(client: httpx.AsyncClient,
+                                                   path: str) -> None:
+    r = await client.get(path)
+    assert r.status_code == 200
+
+
+async def test_unknown_path(client: httpx.AsyncClient, keys: Keys) -> None:
+    assert_envelope(await client.get("/nope", headers=auth(keys.full)), 404, "not_found")
+
+
+async def test_models_list_shows_what_the_key_may_use(client: httpx.AsyncClient,
+                                                      keys: Keys) -> None:
+    r = await client.get("/api/v2/models", headers=auth(keys.full))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    names = [m["id"] for m in body["data"]]
+    assert "alfred-4.2" in names and "off" not in names
+    alfred = next(m for m in body["data"] if m["id"] == "alfred-4.2")
+    assert alfred["object"] == "model" and alfred["display_name"] == "Alfred 4.2"
+    assert alfred["type"] == "llm" and alfred["created"] > 0
+    assert "upstream" not in r.text and "ok" not in names
+    r = await client.get("/api/v2/models", headers=auth(keys.restricted))
+    assert [m["id"] for m in r.json()["data"]] == ["alfred-4.2"]
+
+
+async def test_model_retrieve(client: httpx.AsyncClient, keys: Keys) -> None:
+    r = await client.get("/api/v2/models/alfred-4.2", headers=auth(keys.full))
+    assert r.json()["id"] == "alfred-4.2"
+    r = await client.get("/api/v2/models/limited", headers=auth(keys.restricted))
+    assert_envelope(r, 404, "model_not_found", "model")
+
+
+async def test_revocation_takes_effect_while_running(
+    client: httpx.AsyncClient, keys: Keys, gateway: object
+) -> None:
+    from paragate.gateway import Gateway
+
+    assert isinstance(gateway, Gateway)
+    assert (await client.get("/api/v2/models", headers=auth(keys.full))).status_code == 200
+    gateway.store.revoke_key(keys.full_id)
+    assert await gateway.registry.refresh()
+    r = await client.get("/api/v2/models", headers=auth(keys.full))
+    assert_envelope(r, 401, "invalid_api_key")

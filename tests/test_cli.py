@@ -1,0 +1,85 @@
+"""The `paragate` command, run as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PARAGATE_")}
+    environ.update({"PARAGATE_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", **env})
+    return subprocess.run([sys.executable, "-m", "paragate", *args], capture_output=True,
+                          text=True, env=environ, timeout=60, cwd=tmp_path)
+
+
+def test_keys_lifecycle(tmp_path: Path) -> None:
+    created = run(tmp_path, "keys", "create", "--name", "ci", "--admin")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("pg-") and " " not in key
+    public_id = key.split("-")[1]
+    listed = run(tmp_path, "keys", "list")
+    assert public_id in listed.stdout and "active" in listed.stdout
+    assert key.split("-", 2)[2] not in listed.stdout  # never the secret
+    assert run(tmp_path, "keys", "revoke", public_id).returncode == 0
+    assert "revoked" in run(tmp_path, "keys", "list").stdout
+
+
+def test_models_lifecycle(tmp_path: Path) -> None:
+    added = run(tmp_path, "models", "add", "alfred-4.2", "--upstream",
+                "http://127.0.0.1:8000/v1", "--upstream-model", "served",
+                "--upstream-api-key", "sk-secret-upstream")
+    assert added.returncode == 0, added.stderr
+    listed = run(tmp_path, "models", "list")
+    assert "alfred-4.2" in listed.stdout and "served" in listed.stdout
+    assert "sk-secret-upstream" not in listed.stdout
+    assert run(tmp_path, "models", "update", "alfred-4.2", "--disable").returncode == 0
+    assert " no " in run(tmp_path, "models", "list").stdout
+    assert run(tmp_path, "models", "remove", "alfred-4.2").returncode == 0
+    assert "alfred-4.2" not in run(tmp_path, "models", "list").stdout
+
+
+@pytest.mark.parametrize(("args", "env", "words"), [
+    (["models", "add", "m", "--upstream", "ftp://x"], {}, "must be an http"),
+    (["models", "remove", "nope"], {}, "no model named 'nope'"),
+    (["keys", "revoke", "000000000000"], {}, "no key with id"),
+    (["keys", "create"], {}, "Missing option '--name'"),
+    (["models", "update", "nope"], {}, "nothing to change"),
+    (["keys", "list"], {"PARAGATE_PORT": "x"}, "port: expected int"),
+    (["keys", "list"], {"PARAGATE_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/x"},
+     "the store failed"),
+    (["nonsense"], {}, "No such command"),
+])
+def test_mistakes_are_one_line_errors(tmp_path: Path, args: list[str], env: dict[str, str],
+                                      words: str) -> None:
+    result = run(tmp_path, *args, **env)
+    assert result.returncode != 0
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines()
+                if line.startswith("Error")]) == 1
+
+
+def test_duplicate_model(tmp_path: Path) -> None:
+    args = ("models", "add", "m", "--upstream", "http://h/v1")
+    assert run(tmp_path, *args).returncode == 0
+    again = run(tmp_path, *args)
+    assert again.returncode == 1 and "exists already" in again.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["serve"], ["keys", "create"], ["models", "add"],
+                                  ["models", "update"], ["settings"]])
+def test_help(tmp_path: Path, args: list[str]) -> None:
+    result = run(tmp_path, *args, "--help")
+    assert result.returncode == 0
+    assert "Usage: paragate" in result.stdout
+
+
+def test_settings_lists_every_variable(tmp_path: Path) -> None:
+    out = run(tmp_path, "settings").stdout
+    assert "PARAGATE_DATABASE_URL=" in out and "PARAGATE_UPSTREAM_READ_TIMEOUT=" in out

@@ -1,0 +1,246 @@
+"""POST /api/v2/completions through the ASGI app, with the fake vLLM as upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from paragate.gateway import Gateway
+
+from .conftest import Keys
+from .fake_vllm import FakeVLLM
+from .test_protocol import multipart
+
+URL = "/api/v2/completions"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_envelope(r: httpx.Response, status: int, code: str, param: str | None = None,
+                    type_: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["code"] == code
+    assert err["param"] == param
+    if type_ is not None:
+        assert err["type"] == type_
+    return err  # type: ignore[no-any-return]
+
+
+def sse_events(text: str) -> list[str]:
+    assert text.endswith("\n\n")
+    events = text.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") for e in events)
+    return [e[6:] for e in events]
+
+
+async def post(client: httpx.AsyncClient, key: str, **body: Any) -> httpx.Response:
+    return await client.post(URL, json=body, headers=auth(key))
+
+
+async def test_completion_relayed_with_requested_model(
+    client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM
+) -> None:
+    r = await post(client, keys.full, model="alfred-4.2", prompt="Hello, ", max_tokens=4)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "alfred-4.2"
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == " tok" * 4
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                             "prompt_tokens_details": None}
+    assert fake.requests[-1] == {"model": "ok", "prompt": "Hello, ", "max_tokens": 4}
+
+
+async def test_stream_relayed_and_usage_chunk_dropped_unless_asked(
+    client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM
+) -> None:
+    r = await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=3, stream=True)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == [" t0", " t1", " t2"]
+    assert {c["model"] for c in chunks} == {"alfred-4.2"}
+    # paragate asked vLLM for usage on its own behalf, and kept that chunk to itself
+    assert fake.requests[-1]["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_with_usage_when_asked(client: httpx.AsyncClient, keys: Keys) -> None:
+    r = await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=2,
+                   stream=True, stream_options={"include_usage": True})
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+    assert chunks[-1]["model"] == "alfred-4.2"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_usage_recorded(
+    client: httpx.AsyncClient, keys: Keys, gateway: Gateway, stream: bool
+) -> None:
+    r = await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=5,
+                   stream=stream)
+    assert r.status_code == 200
+    for _ in range(100):
+        records = gateway.store.list_usage()
+        if records:
+            break
+        await asyncio.sleep(0.02)
+    (rec,) = records
+    assert (rec.model, rec.stream, rec.status, rec.outcome) == ("alfred-4.2", stream, 200, "ok")
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens) == (3, 5, 8)
+
+
+async def test_form_and_multipart_bodies(client: httpx.AsyncClient, keys: Keys,
+                                         fake: FakeVLLM) -> None:
+    form = urlencode({"model": "alfred-4.2", "prompt": "Hi", "max_tokens": "2",
+                      "temperature": "0"})
+    r = await client.post(URL, content=form, headers={
+        **auth(keys.full), "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert fake.requests[-1] == {"model": "ok", "prompt": "Hi", "max_tokens": 2,
+                                 "temperature": 0.0}
+    ctype, raw = multipart([("model", "alfred-4.2"), ("prompt", "Hi"), ("stream", "true"),
+                            ("max_tokens", "2")])
+    r = await client.post(URL, content=raw, headers={**auth(keys.full), "content-type":
+                                                     ctype.decode()})
+    assert r.status_code == 200
+    assert sse_events(r.text)[-1] == "[DONE]"
+
+
+async def test_model_limits_applied(client: httpx.AsyncClient, keys: Keys,
+                                    fake: FakeVLLM) -> None:
+    r = await post(client, keys.full, model="limited", prompt="x")
+    assert r.status_code == 200
+    assert fake.requests[-1]["max_tokens"] == 3  # the model's default
+    r = await post(client, keys.full, model="limited", prompt="x", logprobs=3)
+    assert_envelope(r, 400, "invalid_value", "logprobs")
+    r = await post(client, keys.full, model="limited", prompt="x", max_tokens=11)
+    assert_envelope(r, 400, "invalid_value", "max_tokens")
+
+
+# -- errors before anything is forwarded ----------------------------------------------
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({"prompt": "x"}, "model", "missing_field"),
+    ({"model": "alfred-4.2", "prompt": "x", "temperature": 3}, "temperature", "invalid_value"),
+    ({"model": "alfred-4.2", "prompt": "x", "n": "2"}, "n", "invalid_type"),
+    ({"model": "alfred-4.2", "prompt": "x", "stop": ["1", "2", "3", "4", "5"]}, "stop",
+     "invalid_value"),
+])
+async def test_invalid_bodies(client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM,
+                              body: dict[str, Any], param: str, code: str) -> None:
+    r = await client.post(URL, json=body, headers=auth(keys.full))
+    assert_envelope(r, 400, code, param, "invalid_request_error")
+    assert fake.requests == []
+
+
+async def test_malformed_json(client: httpx.AsyncClient, keys: Keys) -> None:
+    r = await client.post(URL, content=b'{"model": ', headers={
+        **auth(keys.full), "content-type": "application/json"})
+    assert_envelope(r, 400, "invalid_json")
+
+
+async def test_unsupported_media_type(client: httpx.AsyncClient, keys: Keys) -> None:
+    r = await client.post(URL, content=b"hi", headers={**auth(keys.full),
+                                                       "content-type": "text/plain"})
+    assert_envelope(r, 415, "unsupported_media_type")
+
+
+async def test_body_too_large(client: httpx.AsyncClient, keys: Keys) -> None:
+    r = await post(client, keys.full, model="alfred-4.2", prompt="x" * 70_000)
+    assert_envelope(r, 413, "request_too_large")
+
+
+async def test_wrong_method(client: httpx.AsyncClient, keys: Keys) -> None:
+    r = await client.get(URL, headers=auth(keys.full))
+    assert_envelope(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("model", ["nope", "off"])
+async def test_unknown_or_disabled_model(client: httpx.AsyncClient, keys: Keys,
+                                         model: str) -> None:
+    r = await post(client, keys.full, model=model, prompt="x")
+    err = assert_envelope(r, 404, "model_not_found", "model")
+    assert model in err["message"]
+
+
+async def test_model_not_permitted_for_key(client: httpx.AsyncClient, keys: Keys) -> None:
+    assert (await post(client, keys.restricted, model="alfred-4.2", prompt="x")).status_code == 200
+    r = await post(client, keys.restricted, model="limited", prompt="x")
+    assert_envelope(r, 404, "model_not_found", "model")
+
+
+# -- upstream failures ------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_4xx_relayed_with_its_status(client: httpx.AsyncClient, keys: Keys,
+                                                    stream: bool) -> None:
+    r = await post(client, keys.full, model="status-400", prompt="x", stream=stream)
+    err = assert_envelope(r, 400, "upstream_error", "max_tokens", "BadRequestError")
+    assert err["message"] == "fake refusal 400"
+    r = await post(client, keys.full, model="status-404", prompt="x", stream=stream)
+    assert_envelope(r, 404, "upstream_error", "max_tokens")
+
+
+@pytest.mark.parametrize(("model", "status", "code"), [
+    ("status-500", 502, "upstream_error"),
+    ("status-503", 503, "upstream_unavailable"),
+    ("garbage", 502, "upstream_error"),
+    ("down", 503, "upstream_unavailable"),
+    ("hang", 504, "upstream_timeout"),
+])
+async def test_upstream_failures(client: httpx.AsyncClient, keys: Keys, model: str,
+                                 status: int, code: str) -> None:
+    r = await post(client, keys.full, model=model, prompt="x")
+    assert_envelope(r, status, code, type_="upstream_error")
+
+
+@pytest.mark.parametrize(("model", "status", "code"), [
+    ("down", 503, "upstream_unavailable"),
+    ("hang", 504, "upstream_timeout"),
+])
+async def test_upstream_failures_before_stream_starts(client: httpx.AsyncClient, keys: Keys,
+                                                      model: str, status: int,
+                                                      code: str) -> None:
+    r = await post(client, keys.full, model=model, prompt="x", stream=True)
+    assert_envelope(r, status, code, type_="upstream_error")
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ("drop", "failed"),
+    ("error-event", "engine died"),
+])
+async def test_failure_mid_stream_is_an_error_event_then_done(
+    client: httpx.AsyncClient, keys: Keys, gateway: Gateway, model: str, message: str
+) -> None:
+    r = await post(client, keys.full, model=model, prompt="x", max_tokens=5, stream=True)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert set(error) == {"error"}
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["code"] == "upstream_error"
+    assert message in error["error"]["message"]
+    assert json.loads(events[0])["choices"][0]["text"] == " t0"
+    for _ in range(100):
+        if gateway.store.list_usage():
+            break
+        await asyncio.sleep(0.02)
+    assert gateway.store.list_usage()[0].outcome == "upstream_error"
