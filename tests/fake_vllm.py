@@ -26,7 +26,9 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FakeVLLM"]
+__all__ = ["FINGERPRINT", "FakeVLLM"]
+
+FINGERPRINT = "vllm-fake-0001"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -92,10 +94,15 @@ class FakeVLLM:
             }), content_type="application/json")
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
+        include_usage = (body.get("stream_options") or {}).get("include_usage")
         try:
             for i in range(n_tokens):
-                chunk = {**base, "choices": [{"index": 0, "text": f" t{i}", "logprobs": None,
-                                              "finish_reason": None, "stop_reason": None}]}
+                last = i == n_tokens - 1
+                chunk: dict[str, Any] = {**base, "choices": [{
+                    "index": 0, "text": f" t{i}", "logprobs": None,
+                    "finish_reason": "length" if last else None, "stop_reason": None}]}
+                if last and not include_usage:  # as vLLM 0.32 does
+                    chunk["system_fingerprint"] = FINGERPRINT
                 await response.write(b"data: " + _dumps(chunk) + b"\n\n")
                 if model == "slow":
                     await asyncio.sleep(0.05)
@@ -109,9 +116,10 @@ class FakeVLLM:
                     await response.write(b"data: " + _dumps(error) + b"\n\n")
                     await response.write(b"data: [DONE]\n\n")
                     return response
-            if (body.get("stream_options") or {}).get("include_usage"):
-                await response.write(b"data: " + _dumps({**base, "choices": [],
-                                                         "usage": usage}) + b"\n\n")
+            if include_usage:
+                final = {**base, "choices": [], "usage": usage,
+                         "system_fingerprint": FINGERPRINT}
+                await response.write(b"data: " + _dumps(final) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             self.closed_early += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -77,6 +78,24 @@ async def test_stream_relayed_and_usage_chunk_dropped_unless_asked(
     assert {c["model"] for c in chunks} == {"alfred-4.2"}
     # paragate asked vLLM for usage on its own behalf, and kept that chunk to itself
     assert fake.requests[-1]["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_identical_to_what_vllm_sends_the_client(
+    client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM
+) -> None:
+    """The usage paragate asks for on its own behalf leaves no trace in the stream:
+    vLLM's fingerprint goes back on the last chunk, the usage chunk is dropped."""
+    r = await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=3,
+                   stream=True)
+    async with httpx.AsyncClient() as direct_client:
+        direct = await direct_client.post(fake.base_url + "/completions", json={
+            "model": "ok", "prompt": "x", "max_tokens": 3, "stream": True})
+    def same(text: str) -> str:  # two requests may straddle a second
+        return re.sub(r'"created":\d+', '"created":0', text)
+
+    model_member = '"model":"ok"'
+    assert same(r.text) == same(direct.text.replace(model_member, '"model":"alfred-4.2"'))
+    assert '"system_fingerprint":"vllm-fake-0001"}' in r.text
 
 
 async def test_stream_with_usage_when_asked(client: httpx.AsyncClient, keys: Keys) -> None:

@@ -4,9 +4,7 @@ SDK and raw HTTP, in front of the fake vLLM."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,58 +20,25 @@ from paragate.store import Store
 
 from .conftest import Keys, seed
 from .fake_vllm import FakeVLLM
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .servers import GatewayProcess, start_gateway
 
 
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen[bytes]
+    gateway: GatewayProcess
     store: Store
     keys: Keys
-    env: dict[str, str]
-    log: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.gateway.env
 
 
 def start_server(tmp_path: Path, store: Store, keys: Keys, **settings: str) -> Server:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAGATE_")}
-    env.update({"PARAGATE_DATABASE_URL": str(store.url.render_as_string(hide_password=False)),
-                "PARAGATE_REFRESH_INTERVAL": "0.2", "PARAGATE_USAGE_FLUSH_INTERVAL": "0.1",
-                **settings})
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(
-            [sys.executable, "-m", "paragate", "serve", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited: {log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return Server(url, process, store, keys, env, log)
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"gateway did not start: {log.read_text()}")
-
-
-def stop_server(server: Server) -> int:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-    return server.process.returncode
+    gateway = start_gateway(tmp_path, store.url.render_as_string(hide_password=False),
+                            **settings)
+    return Server(gateway.url, gateway, store, keys)
 
 
 @pytest.fixture
@@ -90,7 +55,7 @@ async def server(tmp_path: Path, sqlite_store: Store,
     keys = seed(sqlite_store, fake)
     srv = await asyncio.to_thread(start_server, tmp_path, sqlite_store, keys)
     yield srv
-    await asyncio.to_thread(stop_server, srv)
+    await asyncio.to_thread(srv.gateway.stop)
 
 
 def sdk(server: Server, key: str | None = None) -> openai.AsyncOpenAI:
@@ -193,7 +158,7 @@ async def test_usage_flushed_on_shutdown(tmp_path: Path, sqlite_store: Store,
         assert sqlite_store.list_usage() == []
     finally:
         # uvicorn re-raises the signal once it has shut down gracefully
-        assert await asyncio.to_thread(stop_server, srv) in (0, -signal.SIGTERM)
+        assert await asyncio.to_thread(srv.gateway.stop) in (0, -signal.SIGTERM)
     records = sqlite_store.list_usage()
     assert len(records) == 5
     assert all(r.outcome == "ok" and r.total_tokens == 5 for r in records)

@@ -47,6 +47,13 @@ class _WithUsage(msgspec.Struct):
     usage: _Usage | None = None
 
 
+class _Final(msgspec.Struct):
+    """vLLM's last stream chunk: ``"choices":[]``, usage and fingerprint."""
+
+    usage: _Usage | None = None
+    system_fingerprint: str | None = None
+
+
 class _UpstreamError(msgspec.Struct):
     message: str = ""
     type: str = ""
@@ -135,12 +142,64 @@ async def relay_json(upstreams: Upstreams, target: Target, send: Send, ex: Excha
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
+class _Events:
+    """Turns vLLM's SSE events into the ones the client gets, one event at a time.
+
+    When paragate asked for usage on its own behalf, vLLM moves ``system_fingerprint``
+    from each choice's last chunk to the usage chunk. To keep the stream identical to
+    what the client would have had, those last chunks are held until the usage chunk
+    arrives (immediately after, in vLLM), stamped with its fingerprint, and released;
+    the usage chunk itself is dropped.
+    """
+
+    __slots__ = ("done", "ex", "held", "own_usage", "rewrite")
+
+    def __init__(self, rewrite: tuple[bytes, bytes] | None, own_usage: bool,
+                 ex: Exchange) -> None:
+        self.rewrite = rewrite
+        self.own_usage = own_usage
+        self.ex = ex
+        self.held: list[bytes] = []
+        self.done = False
+
+    def feed(self, event: bytes, out: list[bytes]) -> None:
+        if event == _DONE:
+            self.release(out)
+            self.done = True
+        elif event.startswith(b'data: {"error"'):
+            self.release(out)
+            self.ex.outcome = "upstream_error"
+            event = _error_event(event)
+        elif b'"usage":{' in event and b'"choices":[]' in event:
+            final = _final_of(event)
+            if final is not None:
+                self.ex.usage = final.usage
+                if self.own_usage:
+                    self.release(out, final.system_fingerprint)
+                    return
+        if self.rewrite:
+            event = event.replace(self.rewrite[0], self.rewrite[1], 1)
+        if self.own_usage and event.startswith(b"data: {") and (
+            b'"finish_reason":null' not in event
+        ):
+            self.held.append(event)
+            return
+        out.append(event + b"\n\n")
+
+    def release(self, out: list[bytes], fingerprint: str | None = None) -> None:
+        stamp = b',"system_fingerprint":' + msgspec.json.encode(fingerprint) + b"}"
+        for event in self.held:
+            if fingerprint is not None and event.endswith(b"}"):
+                event = event[:-1] + stamp
+            out.append(event + b"\n\n")
+        self.held.clear()
+
+
 async def relay_stream(
     upstreams: Upstreams, target: Target, include_usage: bool, send: Send, ex: Exchange
 ) -> None:
     """Relay vLLM's SSE as it arrives. Failures before the first byte raise (a normal
     error response); after it they become an SSE error event, then ``[DONE]``."""
-    rewrite = target.model_rewriter()
     async with upstreams.post(target.url, target.body, target.api_key) as resp:
         if resp.status != 200:
             ex.outcome = "upstream_error"
@@ -151,36 +210,22 @@ async def relay_stream(
             raise upstream_rejection(resp.status, data)
         await start_response(send, 200, _SSE_HEADERS)
         ex.status = 200
-        done = False
+        events = _Events(target.model_rewriter(), not include_usage, ex)
         pending = b""
         try:
             async for chunk in resp.content.iter_any():
                 pending += chunk
                 if b"\n\n" not in pending:
                     continue
-                *events, pending = pending.split(b"\n\n")
-                out = []
-                for event in events:
-                    if not event:
-                        continue
-                    if event == _DONE:
-                        done = True
-                    elif event.startswith(b'data: {"error"'):
-                        event = _error_event(event)
-                        ex.outcome = "upstream_error"
-                    elif b'"usage":{' in event:
-                        usage = _usage_of(event)
-                        if usage is not None:
-                            ex.usage = usage
-                            if not include_usage and b'"choices":[]' in event:
-                                continue
-                    if rewrite:
-                        event = event.replace(rewrite[0], rewrite[1], 1)
-                    out.append(event + b"\n\n")
+                *complete, pending = pending.split(b"\n\n")
+                out: list[bytes] = []
+                for event in complete:
+                    if event:
+                        events.feed(event, out)
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out),
                                 "more_body": True})
-            if not done:
+            if not events.done:
                 raise UpstreamFailed("The model server ended the stream early.")
             if ex.outcome != "upstream_error":
                 ex.outcome = "ok"
@@ -189,14 +234,17 @@ async def relay_stream(
             log.warning("stream from %s failed after it started: %s", target.url,
                         failure.message)
             ex.outcome = "upstream_error"
-            await send({"type": "http.response.body", "more_body": True,
-                        "body": b"data: " + failure.render() + b"\n\n" + _DONE + b"\n\n"})
+            out = []
+            events.release(out)
+            out.append(b"data: " + failure.render() + b"\n\n" + _DONE + b"\n\n")
+            await send({"type": "http.response.body", "body": b"".join(out),
+                        "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _usage_of(event: bytes) -> _Usage | None:
+def _final_of(event: bytes) -> _Final | None:
     try:
-        return msgspec.json.decode(event[6:], type=_WithUsage).usage
+        return msgspec.json.decode(event[6:], type=_Final)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 

@@ -1,0 +1,68 @@
+"""Real vLLM (CPU build, demo model) with the gateway in front of it, once per session.
+
+`tools/localvllm.py` installs vLLM into its own cached venv and builds the demo model on
+first use; later runs reuse both.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from paragate.auth import new_key
+from paragate.store import ModelRecord, Store
+
+from ..servers import GatewayProcess, start_gateway
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import localvllm
+
+SERVED_NAME = "demo-upstream"  # what vLLM calls the model; the gateway calls it alfred-4.2
+MODEL = "alfred-4.2"
+
+
+@dataclass
+class Stack:
+    vllm: localvllm.VLLMServer
+    gateway: GatewayProcess
+    key: str
+
+    @property
+    def direct(self) -> str:
+        return self.vllm.base_url + "/completions"
+
+    @property
+    def through(self) -> str:
+        return self.gateway.url + "/api/v2/completions"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("e2e")
+    started = time.monotonic()
+    model_dir = localvllm.ensure_demo_model()
+    # --enable-log-requests: vLLM logs each abort, which is how the tests see one
+    vllm = localvllm.VLLMServer(model_dir, served_model_name=SERVED_NAME,
+                                log_path=logs / "vllm.log",
+                                extra_args=["--enable-log-requests"]).start()
+    print(f"\nvLLM ready in {time.monotonic() - started:.1f} s (install/build included)")
+    try:
+        store = Store(f"sqlite:///{logs / 'gateway.db'}")
+        store.migrate()
+        store.add_model(ModelRecord(name=MODEL, upstream_url=vllm.base_url,
+                                    upstream_model=SERVED_NAME))
+        token, public_id, secret_hash = new_key()
+        store.add_key(public_id=public_id, secret_hash=secret_hash, name="e2e")
+        store.close()
+        gateway = start_gateway(logs, f"sqlite:///{logs / 'gateway.db'}")
+        try:
+            yield Stack(vllm, gateway, token)
+        finally:
+            gateway.stop()
+    finally:
+        vllm.stop()

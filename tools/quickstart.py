@@ -1,0 +1,118 @@
+"""`make run`: the gateway on its embedded defaults, with a real engine behind it.
+
+Starts a local vLLM (CPU build, installed on first use into ~/.cache/paragate) on the
+demo model, registers it as `alfred-4.2` in the default SQLite store, creates an admin
+key, starts `paragate serve` and prints a curl command to paste. Ctrl-C (or SIGTERM)
+stops both servers, by PID.
+
+This is the path for trying paragate. In production run `paragate serve` against
+your own vLLM fleet instead (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import localvllm
+
+from paragate.auth import new_key
+from paragate.config import ConfigError, load
+from paragate.store import ModelRecord, Store, StoreError
+
+MODEL = "alfred-4.2"
+
+
+def _say(message: str) -> None:
+    print(f"[quickstart] {message}", file=sys.stderr, flush=True)
+
+
+def _register(store: Store, upstream: str) -> None:
+    try:
+        store.update_model(MODEL, upstream_url=upstream, upstream_model=MODEL, enabled=True)
+    except StoreError:
+        store.add_model(ModelRecord(name=MODEL, upstream_url=upstream, upstream_model=MODEL,
+                                    display_name="Alfred 4.2 (local demo model)"))
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"paragate exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"paragate did not answer on {url}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, help="gateway port [default: PARAGATE_PORT, 8080]")
+    args = parser.parse_args()
+    try:
+        settings = load(port=args.port)
+    except ConfigError as exc:
+        _say(f"error: {exc}")
+        return 2
+    # SIGTERM ends the run like Ctrl-C does, so the servers are always stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    _say("preparing vLLM and the demo model (first run: a few minutes, then cached)")
+    model_dir = localvllm.ensure_demo_model()
+    vllm = localvllm.VLLMServer(model_dir, served_model_name=MODEL,
+                                log_path=localvllm.cache_root() / "quickstart-vllm.log")
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        vllm.start()
+        store = Store(settings.database_url)
+        store.migrate()
+        _register(store, vllm.base_url)
+        token, public_id, secret_hash = new_key()
+        store.add_key(public_id=public_id, secret_hash=secret_hash, name="quickstart admin",
+                      is_admin=True)
+        store.close()
+        env = {**os.environ, "PARAGATE_PORT": str(settings.port)}
+        gateway = subprocess.Popen([sys.executable, "-m", "paragate", "serve"], env=env)
+        base = f"http://{settings.host}:{settings.port}"
+        _wait_http(base + "/health", gateway, 30)
+        print(f"""
+paragate is serving {MODEL} (a real vLLM, pid {vllm.pid}) at {base}
+  store: {settings.database_url}    vLLM log: {vllm.log_path}
+
+Admin key (shown once):
+  {token}
+
+Try it:
+  curl -s {base}/api/v2/completions \\
+    -H 'Authorization: Bearer {token}' \\
+    -H 'Content-Type: application/json' \\
+    -d '{{"model": "{MODEL}", "prompt": "def main(", "max_tokens": 32}}'
+
+Press Ctrl-C to stop.""", flush=True)
+        return gateway.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.send_signal(signal.SIGINT)
+            try:
+                gateway.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        vllm.stop()
+        _say("stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
