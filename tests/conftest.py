@@ -84,6 +84,7 @@ class Keys:
     revoked: str
     expired: str
     full_id: str
+    throttled: str  # 2 requests per minute
 
 
 def make_key(store: Store, name: str, **kw: object) -> tuple[str, str]:
@@ -112,8 +113,9 @@ def seed(store: Store, fake: FakeVLLM) -> Keys:
     store.revoke_key(revoked_id)
     expired, _ = make_key(store, "expired",
                           expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    throttled, _ = make_key(store, "throttled", rate_limit_rpm=2)
     return Keys(full=full, admin=admin, restricted=restricted, revoked=revoked,
-                expired=expired, full_id=full_id)
+                expired=expired, full_id=full_id, throttled=throttled)
 
 
 TEST_SETTINGS = Settings(refresh_interval=0.05, usage_flush_interval=0.05,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -104,3 +106,23 @@ async def test_revocation_takes_effect_while_running(
     assert await gateway.registry.refresh()
     r = await client.get("/api/v2/models", headers=auth(keys.full))
     assert_envelope(r, 401, "invalid_api_key")
+
+
+async def test_a_key_expiring_while_cached_is_refused(
+    client: httpx.AsyncClient, keys: Keys, gateway: object
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from paragate.gateway import Gateway
+
+    from .conftest import make_key
+
+    assert isinstance(gateway, Gateway)
+    token, _ = make_key(gateway.store, "short", expires_at=datetime.now(UTC) + timedelta(
+        seconds=1))
+    assert await gateway.registry.refresh()
+    assert (await client.get("/api/v2/models", headers=auth(token))).status_code == 200
+    await asyncio.sleep(1.05)
+    r = await client.get("/api/v2/models", headers=auth(token))
+    err = assert_envelope(r, 401, "invalid_api_key")
+    assert "expired" in err["message"]

@@ -14,7 +14,8 @@ from paragate.store import KeyRecord
 def record(public_id: str, secret_hash: str, **kw: object) -> KeyRecord:
     values: dict[str, object] = dict(
         id=1, public_id=public_id, secret_hash=secret_hash, name="n", is_admin=False,
-        allowed_models=None, created_at=datetime.now(UTC), expires_at=None, revoked_at=None)
+        allowed_models=None, rate_limit_rpm=None, created_at=datetime.now(UTC),
+        expires_at=None, revoked_at=None)
     values.update(kw)
     return KeyRecord(**values)  # type: ignore[arg-type]
 

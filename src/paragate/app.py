@@ -11,7 +11,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from .asgi import ClientGone, Receive, Scope, Send, header, send_error
-from .auth import authenticate
 from .config import Settings
 from .errors import GatewayError, MethodNotAllowed, NotFound
 from .gateway import Gateway
@@ -76,7 +75,7 @@ class App:
                     headers={"allow": allowed})
             principal = None
             if template not in PUBLIC_PATHS:
-                principal = authenticate(header(scope, b"authorization"), gw.registry.keys)
+                principal = gw.registry.authenticate(header(scope, b"authorization"))
             await handler(gw, Request(scope, receive, send, principal, param))
         except GatewayError as exc:
             await send_error(send, exc)

@@ -20,9 +20,18 @@ from datetime import UTC, datetime
 from .errors import AuthenticationFailed
 from .store.records import KeyRecord
 
-__all__ = ["KEY_PREFIX", "Principal", "authenticate", "hash_secret", "new_key", "parse_key"]
+__all__ = [
+    "EXPIRED",
+    "KEY_PREFIX",
+    "Principal",
+    "authenticate",
+    "hash_secret",
+    "new_key",
+    "parse_key",
+]
 
 KEY_PREFIX = "pg"
+EXPIRED = "This API key has expired."
 _PUBLIC_ID_LEN = 12
 _DUMMY_HASH = hashlib.sha256(b"paragate: no such key").hexdigest()
 
@@ -36,6 +45,8 @@ class Principal:
     name: str
     is_admin: bool
     allowed_models: frozenset[str] | None  # None: every model
+    rate_limit_rpm: int | None  # None: no limit
+    expires_at: float | None  # a Unix time, or None: never
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -82,7 +93,7 @@ def authenticate(authorization: bytes | None, keys: dict[str, KeyRecord]) -> Pri
     if record.revoked_at is not None:
         raise AuthenticationFailed("This API key has been revoked.")
     if record.expires_at is not None and now >= record.expires_at:
-        raise AuthenticationFailed("This API key has expired.")
+        raise AuthenticationFailed(EXPIRED)
     return Principal(
         key_id=record.id,
         public_id=record.public_id,
@@ -91,4 +102,6 @@ def authenticate(authorization: bytes | None, keys: dict[str, KeyRecord]) -> Pri
         allowed_models=frozenset(record.allowed_models)
         if record.allowed_models is not None
         else None,
+        rate_limit_rpm=record.rate_limit_rpm,
+        expires_at=record.expires_at.timestamp() if record.expires_at else None,
     )

@@ -91,6 +91,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         log_level=settings.log_level,
         access_log=settings.access_log,
         server_header=False,
+        proxy_headers=False,  # paragate does not use the client address
         date_header=False,
     )
 
@@ -129,9 +130,12 @@ def keys() -> None:
 @click.option("--admin", is_flag=True, help="An administrator's key.")
 @click.option("--models", "models_", help="Comma-separated models the key may use "
               "[default: every model].")
+@click.option("--rate-limit-rpm", type=click.IntRange(min=1),
+              help="Requests per minute the key may send, counted per gateway process "
+              "[default: no limit].")
 @click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True),
               help="Expire the key after this many days [default: never].")
-def keys_create(name: str, admin: bool, models_: str | None,
+def keys_create(name: str, admin: bool, models_: str | None, rate_limit_rpm: int | None,
                 expires_in_days: float | None) -> None:
     """Create a key. Its secret is printed once, alone on the last line of stdout.
 
@@ -143,7 +147,8 @@ def keys_create(name: str, admin: bool, models_: str | None,
     expires = (datetime.now(UTC) + timedelta(days=expires_in_days)) if expires_in_days else None
     token, public_id, secret_hash = new_key()
     _store().add_key(public_id=public_id, secret_hash=secret_hash, name=name, is_admin=admin,
-                     allowed_models=allowed, expires_at=expires)
+                     allowed_models=allowed, rate_limit_rpm=rate_limit_rpm,
+                     expires_at=expires)
     kind = "admin key" if admin else "key"
     click.echo(f"created {kind} {public_id} ({name}); store the secret now, it is not kept:")
     click.echo(token)
@@ -158,9 +163,10 @@ def keys_list() -> None:
             "expired" if k.expires_at and k.expires_at <= datetime.now(UTC) else "active")
         rows.append([k.public_id, k.name, "yes" if k.is_admin else "no", state,
                      ",".join(k.allowed_models) if k.allowed_models is not None else "*",
+                     str(k.rate_limit_rpm or "-"),
                      k.created_at.strftime("%Y-%m-%d %H:%M"),
                      k.expires_at.strftime("%Y-%m-%d %H:%M") if k.expires_at else "-"])
-    _table(rows, ["ID", "NAME", "ADMIN", "STATE", "MODELS", "CREATED", "EXPIRES"])
+    _table(rows, ["ID", "NAME", "ADMIN", "STATE", "MODELS", "RPM", "CREATED", "EXPIRES"])
 
 
 @keys.command("revoke")

@@ -18,6 +18,7 @@ Hierarchy::
     ├── NotFound                      404 invalid_request_error / not_found
     │   └── ModelNotFound             404 invalid_request_error / model_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded
     ├── UpstreamRejected              4xx (vLLM's status, type and message) / upstream_error
     ├── UpstreamFailed                502 upstream_error / upstream_error
     ├── UpstreamUnavailable           503 upstream_error / upstream_unavailable
@@ -38,6 +39,7 @@ __all__ = [
     "ModelNotFound",
     "NotFound",
     "PermissionDenied",
+    "RateLimited",
     "RequestTooLarge",
     "UnsupportedMediaType",
     "UpstreamFailed",
@@ -141,6 +143,15 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after)})
 
 
 class UpstreamRejected(GatewayError):

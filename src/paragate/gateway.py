@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .config import Settings
+from .limits import RateLimiter
 from .registry import Registry
 from .store import Store
 from .upstream import Upstreams
@@ -28,6 +29,7 @@ class Gateway:
     registry: Registry
     upstreams: Upstreams
     recorder: UsageRecorder
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
-from .auth import Principal
-from .errors import ModelNotFound
+from .auth import EXPIRED, Principal, authenticate
+from .errors import AuthenticationFailed, ModelNotFound
 from .store import KeyRecord, ModelRecord, Snapshot, Store
 
 __all__ = ["Registry", "Route"]
 
 log = logging.getLogger("paragate.registry")
+
+_MAX_CHECKED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +54,13 @@ class Registry:
         self.version = -1
         self.keys: dict[str, KeyRecord] = {}
         self.routes: dict[str, Route] = {}
+        # Authorization header -> principal, for keys already checked against this
+        # snapshot: a known key costs one dict lookup instead of a hash. Emptied with
+        # every new snapshot, so a revoked key is refused as soon as the change loads.
+        self._checked: dict[bytes, Principal] = {}
 
     def load(self, snapshot: Snapshot) -> None:
+        self._checked = {}
         self.keys = {k.public_id: k for k in snapshot.keys}
         self.routes = {m.name: self._route(m) for m in snapshot.models if m.enabled}
         self.version = snapshot.version
@@ -73,6 +81,20 @@ class Registry:
             type=m.type,
             created=int(created),
         )
+
+    def authenticate(self, authorization: bytes | None) -> Principal:
+        """The principal of a valid ``Authorization`` header, else 401."""
+        if authorization is not None:
+            who = self._checked.get(authorization)
+            if who is not None:
+                if who.expires_at is not None and time.time() >= who.expires_at:
+                    raise AuthenticationFailed(EXPIRED)
+                return who
+        who = authenticate(authorization, self.keys)
+        if len(self._checked) >= _MAX_CHECKED:
+            self._checked = {}
+        self._checked[authorization or b""] = who
+        return who
 
     def resolve(self, principal: Principal, model: str) -> Route:
         """The route of a model this principal may use, else 404 ``model_not_found``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ class Request:
         return self.principal
 
 
+# Request ids: random per process, then a counter (cheaper than random per request).
+_ID_PREFIX = os.urandom(8).hex() + "-"
+_ids = itertools.count(1)
+
+
 class _Hangup:
     """Watches for the client going away once its body is read, and cancels the
     handler so the upstream request is closed at once (vLLM then aborts)."""
@@ -62,7 +68,7 @@ async def completions(gw: Gateway, r: Request) -> None:
     raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
     req = parse_request(header(r.scope, b"content-type"), raw)
     route = gw.registry.resolve(r.caller, req.model)
-    # (the seam for rate limits and token budgets: check them here, before forwarding)
+    gw.limiter.check(r.caller)  # token budgets will be checked here too
     target = Target(
         url=route.completions_url,
         body=req.upstream_body(
@@ -107,7 +113,7 @@ def _record(gw: Gateway, who: Principal, route: Route, stream: bool, ex: Exchang
             started: float) -> None:
     usage = ex.usage
     gw.recorder.record(UsageRecord(
-        request_id=os.urandom(12).hex(),
+        request_id=f"{_ID_PREFIX}{next(_ids):x}",
         created_at=datetime.now(UTC),
         key_id=who.key_id,
         model=route.name,

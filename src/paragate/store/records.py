@@ -16,6 +16,7 @@ class KeyRecord:
     name: str
     is_admin: bool
     allowed_models: tuple[str, ...] | None  # None: every model
+    rate_limit_rpm: int | None  # None: no limit
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None

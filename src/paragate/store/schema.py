@@ -62,6 +62,8 @@ api_keys = Table(
     Column("is_admin", Boolean, nullable=False, default=False),
     # null: every model; else a JSON list of model names this key may use.
     Column("allowed_models", JSON, nullable=True),
+    # null: no limit; else requests per minute (see limits.py)
+    Column("rate_limit_rpm", Integer, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
