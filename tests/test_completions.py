@@ -242,7 +242,7 @@ async def test_upstream_failures_before_stream_starts(client: httpx.AsyncClient,
 
 
 @pytest.mark.parametrize(("model", "message"), [
-    ("drop", "failed"),
+    ("drop", "closed the connection"),
     ("error-event", "engine died"),
 ])
 async def test_failure_mid_stream_is_an_error_event_then_done(

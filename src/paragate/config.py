@@ -81,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "usage_flush_interval",
-        0.5,
+        0.1,
         "Seconds between batched writes of usage records to the store.",
     ),
 )
@@ -115,7 +115,7 @@ class Settings:
     upstream_read_timeout: float = 600.0
     upstream_max_connections: int = 1024
     refresh_interval: float = 1.0
-    usage_flush_interval: float = 0.5
+    usage_flush_interval: float = 0.1
 
     def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import aiohttp
 import msgspec
 
 from .asgi import Send, start_response
@@ -23,7 +22,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .upstream import Upstreams, translate
+from .upstream import Upstreams
 
 __all__ = ["Exchange", "relay_json", "relay_stream"]
 
@@ -118,14 +117,9 @@ def upstream_rejection(status: int, data: bytes) -> GatewayError:
 
 
 async def relay_json(upstreams: Upstreams, target: Target, send: Send, ex: Exchange) -> None:
-    try:
-        async with upstreams.post(target.url, target.body, target.api_key) as resp:
-            data = await resp.read()
-            status = resp.status
-    except GatewayError:
-        raise
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise translate(exc, target.url) from exc
+    async with upstreams.post(target.url, target.body, target.api_key) as resp:
+        data = await resp.read()
+        status = resp.status
     if status != 200:
         ex.outcome = "upstream_error"
         raise upstream_rejection(status, data)
@@ -205,7 +199,7 @@ async def relay_stream(
             ex.outcome = "upstream_error"
             try:
                 data = await resp.read()
-            except (TimeoutError, aiohttp.ClientError):
+            except GatewayError:
                 data = b""
             raise upstream_rejection(resp.status, data)
         await start_response(send, 200, _SSE_HEADERS)
@@ -213,7 +207,7 @@ async def relay_stream(
         events = _Events(target.model_rewriter(), not include_usage, ex)
         pending = b""
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.iter_chunks():
                 pending += chunk
                 if b"\n\n" not in pending:
                     continue
@@ -229,8 +223,7 @@ async def relay_stream(
                 raise UpstreamFailed("The model server ended the stream early.")
             if ex.outcome != "upstream_error":
                 ex.outcome = "ok"
-        except (TimeoutError, aiohttp.ClientError, GatewayError) as exc:
-            failure = exc if isinstance(exc, GatewayError) else translate(exc, target.url)
+        except GatewayError as failure:
             log.warning("stream from %s failed after it started: %s", target.url,
                         failure.message)
             ex.outcome = "upstream_error"

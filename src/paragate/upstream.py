@@ -1,91 +1,263 @@
-"""Connections to vLLM: one pooled keep-alive aiohttp session per upstream origin, and
-the single place where aiohttp's failures become paragate errors."""
+"""Connections to vLLM: a small HTTP/1.1 client built for this one job.
+
+Each upstream origin gets a pool of keep-alive connections. A connection is an asyncio
+protocol with httptools' response parser (the same C parser uvicorn uses for requests):
+one write sends a request, and the response's body arrives as the parser hands it over,
+already de-chunked. It replaced aiohttp's client, which took more of the gateway's core
+per request (bench/clients.py measures the two; docs/benchmarks.md has the figures).
+Every failure is translated here, once, into the error a client sees:
+
+- cannot connect (refused, DNS, connect timeout): 503 ``upstream_unavailable``;
+- connected, but nothing for ``read_timeout`` seconds: 504 ``upstream_timeout``;
+- the connection broke, or the answer is not HTTP: 502 ``upstream_error``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 
-from .errors import GatewayError, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from .errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["Upstreams", "translate"]
+__all__ = ["Response", "Upstreams"]
 
-
-def translate(exc: BaseException, url: str) -> GatewayError:
-    """Map an aiohttp/asyncio failure talking to ``url`` to the error a client sees.
-
-    Connect failures (refused, DNS, connect timeout) mean vLLM is unreachable: 503.
-    A read timeout means it is there but silent for too long: 504. Anything else
-    (reset, malformed response) is a bad gateway: 502.
-    """
-    where = _origin(url)
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return UpstreamUnavailable(f"The model server at {where} is unreachable.")
-    if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
-        return UpstreamTimeout(f"The model server at {where} did not answer in time.")
-    return UpstreamFailed(f"The model server at {where} failed: {type(exc).__name__}.")
+_HIGH_WATER = 1 << 20  # stop reading from vLLM while this much is buffered, unread
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, carrying one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[None] | None = None
+        self.status = 0
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.broken: str | None = None  # why the connection can no longer be used
+        self.chunks: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self.used = False  # has carried a request before (a stale one may fail at once)
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"answered with something that is not HTTP ({exc})")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.broken is None and not self.complete:
+            self._fail("closed the connection")
+        self.broken = self.broken or "closed"
+
+    # -- httptools callbacks -----------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.keep_alive = self._parser.should_keep_alive()
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- used by Response --------------------------------------------------------------
+
+    def _fail(self, why: str) -> None:
+        self.broken = why
+        if self.transport:
+            self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, seconds: float) -> None:
+        """Until the parser reports progress, or raise on timeout."""
+        self._waiter = self._loop.create_future()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
+        self.chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def reset(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers_done = self.complete = False
+        self.chunks.clear()
+        self._buffered = 0
+
+
+class Response:
+    """The answer to one request: ``status``, then ``read()`` or ``iter_chunks()``."""
+
+    def __init__(self, conn: _Connection, origin: str, read_timeout: float) -> None:
+        self._conn = conn
+        self._origin = origin
+        self._timeout = read_timeout
+
+    @property
+    def status(self) -> int:
+        return self._conn.status
+
+    async def _progress(self) -> None:
+        conn = self._conn
+        try:
+            await conn.wait(self._timeout)
+        except TimeoutError:
+            conn.broken = "timed out"
+            raise UpstreamTimeout(
+                f"The model server at {self._origin} sent nothing for "
+                f"{self._timeout:g} s.") from None
+        if conn.broken and not conn.complete:
+            raise UpstreamFailed(f"The model server at {self._origin} {conn.broken}.")
+
+    async def read(self) -> bytes:
+        parts = []
+        async for chunk in self.iter_chunks():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body, piece by piece, as it arrives."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                yield conn.take()
+            elif conn.complete:
+                return
+            else:
+                await self._progress()
 
 
 class Upstreams:
-    """Pooled sessions, created on first use and closed at shutdown."""
+    """A pool of keep-alive connections per upstream origin."""
 
     def __init__(
         self, *, connect_timeout: float, read_timeout: float, max_connections: int
     ) -> None:
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout, sock_read=read_timeout
-        )
-        self._max_connections = max_connections
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._max = max_connections
+        self.opened = 0  # connections opened since start (the benchmark reads it)
 
-    def session(self, url: str) -> aiohttp.ClientSession:
-        origin = _origin(url)
-        session = self._sessions.get(origin)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                ttl_dns_cache=300,
-                enable_cleanup_closed=False,
-            )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                skip_auto_headers=("User-Agent",),
-                auto_decompress=False,
-            )
-            self._sessions[origin] = session
-        return session
+    async def _connect(self, host: str, port: int, origin: str) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Connection(loop), host, port)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                f"The model server at {origin} is unreachable ({type(exc).__name__}).") from exc
+        sock = conn.transport.get_extra_info("socket") if conn.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.opened += 1
+        return conn
+
+    def _acquire_idle(self, key: tuple[str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.broken is None and conn.transport and not conn.transport.is_closing():
+                return conn
+        return None
 
     @asynccontextmanager
-    async def post(
-        self, url: str, body: bytes, api_key: str | None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """POST ``body`` to ``url``. On leaving the block the connection goes back to the
-        pool if the body was read to its end, else it is closed, which is how vLLM learns
-        that a client went away (it then aborts the generation)."""
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+    async def post(self, url: str, body: bytes, api_key: str | None) -> AsyncIterator[Response]:
+        """POST ``body`` to ``url``. Leaving the block returns the connection to the pool
+        if its answer was read to the end, else closes it, which is how vLLM learns that
+        a client went away (it then aborts the generation)."""
+        parts = urlsplit(url)
+        host = parts.hostname or "127.0.0.1"
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if parts.scheme != "http":
+            raise UpstreamUnavailable(f"Only http:// upstreams are supported, not {origin}.")
+        key = (host, port)
+        head = (
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            + (f"Authorization: Bearer {api_key}\r\n" if api_key else "")
+            + "\r\n"
+        ).encode("latin-1")
+        limit = self._limits.get(key)
+        if limit is None and self._max:
+            limit = self._limits[key] = asyncio.Semaphore(self._max)
+        if limit is not None:
+            await limit.acquire()
+        conn: _Connection | None = None
         try:
-            response = await self.session(url).post(url, data=body, headers=headers)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise translate(exc, url) from exc
-        try:
+            for _attempt in range(2):
+                conn = self._acquire_idle(key) or await self._connect(host, port, origin)
+                conn.reset()
+                assert conn.transport is not None
+                conn.transport.write(head + body)
+                response = Response(conn, origin, self._read_timeout)
+                try:
+                    while not conn.headers_done:
+                        await response._progress()
+                except UpstreamFailed:
+                    # A reused connection the server had closed meanwhile fails before
+                    # any answer: the request never reached it, so one more try is safe.
+                    if conn.status == 0 and conn.used and _attempt == 0:
+                        continue
+                    raise
+                break
             yield response
         finally:
-            response.release()
+            if conn is not None:
+                if conn.complete and conn.keep_alive and conn.broken is None:
+                    conn.used = True
+                    self._idle.setdefault(key, []).append(conn)
+                elif conn.transport is not None:
+                    conn.broken = conn.broken or "released early"
+                    conn.transport.close()
+            if limit is not None:
+                limit.release()
 
     async def close(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            await session.close()
+        for idle in self._idle.values():
+            for conn in idle:
+                if conn.transport is not None:
+                    conn.transport.close()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports finish closing
+

@@ -1,0 +1,162 @@
+"""The upstream client: pooling, stale connections, broken answers, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from paragate.errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from paragate.upstream import Upstreams
+
+from .fake_vllm import FakeVLLM
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bool:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    await reader.readexactly(length)
+    return True
+
+
+@pytest.fixture
+async def raw_server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, list[int]]]:
+    """A tiny HTTP server whose behaviour the test picks; yields (url, connections)."""
+    behaviour: Handler = request.param
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            await behaviour(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/v1/completions", connections
+    server.close()
+    await server.wait_closed()
+
+
+def pool(read_timeout: float = 1.0) -> Upstreams:
+    return Upstreams(connect_timeout=1.0, read_timeout=read_timeout, max_connections=8)
+
+
+async def answer_once_then_close(reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+    # answers as if the connection stayed open, then closes it: the pooled connection
+    # goes stale, as when vLLM restarts or an idle timeout fires
+    await _read_request(reader)
+    writer.write(OK)
+    await writer.drain()
+
+
+async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+    await writer.drain()
+    await reader.read()  # until the client hangs up
+
+
+async def cut_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial")
+    await writer.drain()
+
+
+async def silent_after_headers(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await writer.drain()
+    await reader.read()  # until the client hangs up
+
+
+async def test_connections_are_reused(fake: FakeVLLM) -> None:
+    up = pool()
+    url = fake.base_url + "/completions"
+    for _ in range(20):
+        async with up.post(url, b'{"model":"ok","prompt":"x","max_tokens":2}', None) as r:
+            assert r.status == 200
+            assert b'"text_completion"' in await r.read()
+    assert up.opened == 1
+    await up.close()
+
+
+async def test_concurrent_requests_open_about_the_concurrency(fake: FakeVLLM) -> None:
+    up = pool()
+    url = fake.base_url + "/completions"
+
+    async def one() -> None:
+        async with up.post(url, b'{"model":"ok","prompt":"x","max_tokens":2}', None) as r:
+            await r.read()
+
+    for _ in range(10):
+        await asyncio.gather(*(one() for _ in range(4)))
+    assert up.opened <= 4
+    await up.close()
+
+
+async def test_a_body_left_unread_closes_the_connection(fake: FakeVLLM) -> None:
+    up = pool()
+    url = fake.base_url + "/completions"
+    body = b'{"model":"slow","prompt":"x","max_tokens":50,"stream":true}'
+    async with up.post(url, body, None) as r:
+        async for _ in r.iter_chunks():
+            break
+    for _ in range(100):
+        if fake.closed_early:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.closed_early == 1
+    async with up.post(url, b'{"model":"ok","prompt":"x"}', None) as r:
+        await r.read()
+    assert up.opened == 2  # the half-read connection was not reused
+    await up.close()
+
+
+@pytest.mark.parametrize("raw_server", [answer_once_then_close], indirect=True)
+async def test_a_stale_pooled_connection_is_retried_once(
+    raw_server: tuple[str, list[int]],
+) -> None:
+    url, connections = raw_server
+    up = pool()
+    for _ in range(3):
+        async with up.post(url, b"{}", None) as r:
+            assert r.status == 200 and await r.read() == b"{}"
+        await asyncio.sleep(0.05)  # the server closes its side meanwhile
+    assert len(connections) == 3
+    await up.close()
+
+
+@pytest.mark.parametrize(("raw_server", "error", "words"), [
+    (garbage, UpstreamFailed, "not HTTP"),
+    (cut_body, UpstreamFailed, "closed the connection"),
+    (silent_after_headers, UpstreamTimeout, "sent nothing for 0.3 s"),
+], indirect=["raw_server"])
+async def test_broken_answers(raw_server: tuple[str, list[int]], error: type[Exception],
+                              words: str) -> None:
+    url, _ = raw_server
+    up = pool(read_timeout=0.3)
+    with pytest.raises(error, match=words):
+        async with up.post(url, b"{}", None) as r:
+            await r.read()
+    await up.close()
+
+
+async def test_unreachable() -> None:
+    up = pool()
+    with pytest.raises(UpstreamUnavailable, match="unreachable"):
+        async with up.post("http://127.0.0.1:9/v1/completions", b"{}", None):
+            pass
+    with pytest.raises(UpstreamUnavailable, match="Only http"):
+        async with up.post("https://127.0.0.1:9/v1/completions", b"{}", None):
+            pass
