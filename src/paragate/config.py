@@ -70,8 +70,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "upstream_max_connections",
-        1024,
-        "Most keep-alive connections open to one upstream at once (0: no limit).",
+        0,
+        "Most connections open to one upstream at once; requests past it wait for a free "
+        "one (0: no limit, every request in flight has its own; vLLM queues them itself).",
     ),
     Setting(
         "refresh_interval",
@@ -113,7 +114,7 @@ class Settings:
     default_max_logprobs: int = 5
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
-    upstream_max_connections: int = 1024
+    upstream_max_connections: int = 0
     refresh_interval: float = 1.0
     usage_flush_interval: float = 0.1
 
