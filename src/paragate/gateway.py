@@ -12,6 +12,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from .background import StoreThread
 from .config import Settings
 from .limits import RateLimiter
 from .registry import Registry
@@ -31,17 +32,21 @@ class Gateway:
     registry: Registry
     upstreams: Upstreams
     recorder: UsageRecorder
+    thread: StoreThread
     limiter: RateLimiter = field(default_factory=RateLimiter)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, store: Store | None = None) -> Gateway:
         store = store or Store(settings.database_url)
+        thread = StoreThread()
         return cls(
             settings=settings,
             store=store,
+            thread=thread,
             registry=Registry(
                 store,
+                thread,
                 default_max_logprobs=settings.default_max_logprobs,
                 refresh_interval=settings.refresh_interval,
             ),
@@ -50,11 +55,13 @@ class Gateway:
                 read_timeout=settings.upstream_read_timeout,
                 max_connections=settings.upstream_max_connections,
             ),
-            recorder=UsageRecorder(store, flush_interval=settings.usage_flush_interval),
+            recorder=UsageRecorder(
+                store, thread, flush_interval=settings.usage_flush_interval
+            ),
         )
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.store.migrate)
+        await self.thread.run(self.store.migrate)
         await self.registry.refresh()
         self._tasks = [
             asyncio.create_task(self.registry.run(), name="paragate-refresh"),
@@ -81,5 +88,6 @@ class Gateway:
             self.recorder.stop()  # it writes what is pending, then returns
             await usage
         await self.upstreams.close()
-        self.store.close()  # closes pooled connections; the engine stays usable
+        await self.thread.run(self.store.close)
+        self.thread.close()  # closes pooled connections; the engine stays usable
         self._tasks = []

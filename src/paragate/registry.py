@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .auth import EXPIRED, Principal, authenticate
+from .background import StoreThread
 from .errors import AuthenticationFailed, ModelNotFound
 from .store import KeyRecord, ModelRecord, Snapshot, Store
 
@@ -47,8 +48,10 @@ class Route:
 class Registry:
     """Keys by public id and enabled models by name, from the newest snapshot."""
 
-    def __init__(self, store: Store, *, default_max_logprobs: int, refresh_interval: float):
+    def __init__(self, store: Store, thread: StoreThread, *, default_max_logprobs: int,
+                 refresh_interval: float) -> None:
         self._store = store
+        self._thread = thread
         self._default_max_logprobs = default_max_logprobs
         self._interval = refresh_interval
         self.version = -1
@@ -108,10 +111,10 @@ class Registry:
 
     async def refresh(self) -> bool:
         """Reload if the store's version moved; True when a new snapshot was loaded."""
-        version = await asyncio.to_thread(self._store.version)
+        version = await self._thread.run(self._store.version)
         if version == self.version:
             return False
-        self.load(await asyncio.to_thread(self._store.snapshot))
+        self.load(await self._thread.run(self._store.snapshot))
         log.info("loaded config version %d: %d keys, %d enabled models",
                  self.version, len(self.keys), len(self.routes))
         return True

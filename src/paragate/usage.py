@@ -2,8 +2,8 @@
 
 ``UsageRecorder.record`` only appends to a list (no await, so a cancelled request
 still records in its ``finally``). One task owns the writes: every
-``usage_flush_interval`` it hands the pending batch to the store in a thread. A batch
-the store refuses is kept and retried; shutdown writes what is left.
+``usage_flush_interval`` it hands the pending batch to the store in the store thread. A
+batch the store refuses is kept and retried; shutdown writes what is left.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+from .background import StoreThread
 from .store import Store, UsageRecord
 
 __all__ = ["UsageRecorder"]
@@ -20,8 +21,9 @@ log = logging.getLogger("paragate.usage")
 
 
 class UsageRecorder:
-    def __init__(self, store: Store, *, flush_interval: float) -> None:
+    def __init__(self, store: Store, thread: StoreThread, *, flush_interval: float) -> None:
         self._store = store
+        self._thread = thread
         self._interval = flush_interval
         self._pending: list[UsageRecord] = []
         self._stopping = asyncio.Event()
@@ -39,7 +41,7 @@ class UsageRecorder:
         if not batch:
             return
         try:
-            self.written += await asyncio.to_thread(self._store.insert_usage, batch)
+            self.written += await self._thread.run(self._store.insert_usage, batch)
         except Exception:
             self._pending[:0] = batch  # keep them, in order, for the next try
             raise

@@ -9,14 +9,24 @@ in the same transaction; that single integer is what running gateways poll.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -33,8 +43,20 @@ __all__ = [
 ]
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
-# dataclasses.asdict deep-copies every value: too slow for thousands of rows a second
-_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+_USAGE_FIELDS = [f.name for f in dataclasses.fields(UsageRecord)]
+# (SQL, parameter names in order, (index, bind processor) pairs, positional paramstyle?)
+_CompiledInsert = tuple[str, list[str], list[tuple[int, Callable[[Any], Any]]], bool]
+
+
+def _compile_usage_insert(dialect: Dialect) -> _CompiledInsert:
+    compiled = insert(usage_records).compile(dialect=dialect, column_keys=_USAGE_FIELDS)
+    names = list(compiled.positiontup or _USAGE_FIELDS)
+    processors: list[tuple[int, Callable[[Any], Any]]] = []
+    for i, name in enumerate(names):
+        process = usage_records.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors.append((i, process))
+    return str(compiled), names, processors, bool(compiled.positional)
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelRecord)} - {"created_at", "updated_at"}
 
 
@@ -65,6 +87,7 @@ class Store:
             parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship
         self.url = parsed
         self.engine: Engine = create_engine(parsed, pool_pre_ping=True)
+        self._usage_insert: _CompiledInsert | None = None
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
 
@@ -198,12 +221,26 @@ class Store:
 
     # -- usage ----------------------------------------------------------------------------
 
-    def insert_usage(self, records: Iterable[UsageRecord]) -> int:
-        """Write a batch of usage records in one transaction; returns how many."""
-        rows = [{name: getattr(r, name) for name in _USAGE_FIELDS} for r in records]
-        if rows:
-            with self.engine.begin() as conn:
-                conn.execute(insert(usage_records), rows)
+    def insert_usage(self, records: Sequence[UsageRecord]) -> int:
+        """Write a batch of usage records in one transaction; returns how many.
+
+        This runs beside the request path for every request, so it goes straight to the
+        driver's executemany with a statement compiled once (about half the CPU of
+        SQLAlchemy's per-row handling); each value still passes through its column
+        type's bind processor, so what is stored is what ``insert()`` would store."""
+        if not records:
+            return 0
+        if self._usage_insert is None:
+            self._usage_insert = _compile_usage_insert(self.engine.dialect)
+        sql, names, processors, positional = self._usage_insert
+        rows: list[Any] = []
+        for r in records:
+            values = [getattr(r, n) for n in names]
+            for i, process in processors:
+                values[i] = process(values[i])
+            rows.append(tuple(values) if positional else dict(zip(names, values, strict=True)))
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(sql, rows)
         return len(rows)
 
     def list_usage(self) -> list[UsageRecord]:

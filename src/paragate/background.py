@@ -1,0 +1,47 @@
+"""Where the gateway's store work runs: one thread, at a low OS priority.
+
+The event loop must never wait for the database, so reloading keys and writing usage
+happen in a thread. But a thread shares the loop's core (and the GIL): left at normal
+priority, the OS lets it run a full time slice (milliseconds) while requests wait, and
+that shows up as tail latency. At nice 10 the scheduler hands the core back to the loop
+as soon as the loop has work, and the 1 ms GIL switch interval the gateway sets bounds
+the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+__all__ = ["StoreThread"]
+
+log = logging.getLogger("paragate")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _lower_priority() -> None:
+    try:  # Linux: a thread is a task of its own and can have its own nice value
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (OSError, AttributeError):
+        log.debug("could not lower the store thread's priority")
+
+
+class StoreThread:
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="paragate-store", initializer=_lower_priority
+        )
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
