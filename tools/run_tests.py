@@ -2,12 +2,16 @@
 
 Tiers: lint (ruff, mypy strict on src/), then pytest's in-process and real-server tests
 (SQLite and PostgreSQL), then the end-to-end tier against real vLLM (which installs
-vLLM's CPU build into its own cached venv on first use). `--fast` skips the last one.
+vLLM's CPU build into its own cached venv on first use), then the benchmark in its smoke
+mode (every step for about a second, no thresholds: it only proves the benchmark still
+runs). `--fast` skips the last two.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +19,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def _have_wrk() -> bool:
+    """The benchmark drives load with wrk (Debian's package): install it if we can."""
+    if not shutil.which("wrk") and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("== installing wrk (Debian package) for the benchmark smoke run", flush=True)
+        subprocess.call(["sh", "-c", "apt-get install -y -qq wrk || "
+                         "(apt-get update -qq && apt-get install -y -qq wrk)"],
+                        stdout=subprocess.DEVNULL)
+    if shutil.which("wrk"):
+        return True
+    print("!! wrk is not installed and cannot be (not root): skipping the benchmark smoke run")
+    return False
 
 
 def main() -> int:
@@ -30,6 +47,9 @@ def main() -> int:
     if not args.fast:
         tiers.append(("tests: end to end against real vLLM",
                       [sys.executable, "-m", "pytest", "-q", "-m", "e2e"]))
+        if _have_wrk():
+            tiers.append(("benchmark: smoke run (bench/run.py --smoke)",
+                          [sys.executable, "bench/run.py", "--smoke"]))
     timings = []
     failed = []
     for name, command in tiers:

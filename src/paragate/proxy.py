@@ -24,7 +24,7 @@ from .errors import (
 )
 from .upstream import Upstreams
 
-__all__ = ["Exchange", "relay_json", "relay_stream"]
+__all__ = ["Exchange", "Target", "relay_json", "relay_stream", "upstream_rejection"]
 
 log = logging.getLogger("paragate.proxy")
 

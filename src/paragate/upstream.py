@@ -184,8 +184,10 @@ class Upstreams:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(lambda: _Connection(loop), host, port)
         except (OSError, TimeoutError) as exc:
+            why = "connect timeout" if isinstance(exc, TimeoutError) else (
+                exc.strerror or type(exc).__name__)  # e.g. "Too many open files"
             raise UpstreamUnavailable(
-                f"The model server at {origin} is unreachable ({type(exc).__name__}).") from exc
+                f"The model server at {origin} is unreachable ({why}).") from exc
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
