@@ -208,7 +208,7 @@ async def relay_stream(
         pending = b""
         try:
             async for chunk in resp.iter_chunks():
-                pending += chunk
+                pending = pending + chunk if pending else chunk  # usually whole events
                 if b"\n\n" not in pending:
                     continue
                 *complete, pending = pending.split(b"\n\n")
