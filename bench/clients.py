@@ -113,6 +113,7 @@ def main() -> None:
         print("|---|---|---|---|")
         for concurrency in args.concurrency:
             for name in CLIENTS:
+                print(f"{name}, concurrency {concurrency}", file=sys.stderr, flush=True)
                 rate, cpu_us = uvloop.run(measure(name, url, concurrency, args.seconds))
                 print(f"| {name} | {concurrency} | {rate:,.0f} | {cpu_us:.0f} µs |", flush=True)
     finally:

@@ -3,8 +3,8 @@
 Each upstream origin gets a pool of keep-alive connections. A connection is an asyncio
 protocol with httptools' response parser (the same C parser uvicorn uses for requests):
 one write sends a request, and the response's body arrives as the parser hands it over,
-already de-chunked. It replaced aiohttp's client, which took more of the gateway's core
-per request (bench/clients.py measures the two; docs/benchmarks.md has the figures).
+already de-chunked. It takes a third of the CPU per request of aiohttp's client, which it
+replaced (bench/clients.py measures them; docs/stack.md has the figures).
 Every failure is translated here, once, into the error a client sees:
 
 - cannot connect (refused, DNS, connect timeout): 503 ``upstream_unavailable``;
