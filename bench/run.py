@@ -553,7 +553,7 @@ def ticks(pid: int) -> int:
 
 def versions() -> str:
     code = ("import importlib.metadata as m, platform; print('python', platform.python_version())"
-            "\nfor p in ('uvicorn','uvloop','httptools','aiohttp','msgspec'): "
+            "\nfor p in ('uvicorn','uvloop','httptools','msgspec'): "
             "print(p, m.version(p))")
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60).stdout
     git = [subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +160,51 @@ async def test_unreachable() -> None:
     with pytest.raises(UpstreamUnavailable, match="unreachable"):
         async with up.post("http://127.0.0.1:9/v1/completions", b"{}", None):
             pass
-    with pytest.raises(UpstreamUnavailable, match="Only http"):
-        async with up.post("https://127.0.0.1:9/v1/completions", b"{}", None):
+    with pytest.raises(UpstreamUnavailable, match="not http:// or https://"):
+        async with up.post("ftp://127.0.0.1:9/v1/completions", b"{}", None):
             pass
+
+
+@pytest.fixture
+def tls_upstream(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    yield cert, key
+
+
+async def test_https_upstream(tls_upstream: tuple[Path, Path],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = tls_upstream
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        await reader.readexactly(2)
+        writer.write(OK)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/completions"
+    try:
+        # not trusted: refused before the request (and its upstream key) is sent
+        with pytest.raises(UpstreamUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            async with pool().post(url, b"{}", "sk-upstream"):
+                pass
+        assert seen == []
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        up = pool()
+        async with up.post(url, b"{}", "sk-upstream") as r:
+            assert r.status == 200 and await r.read() == b"{}"
+        assert b"Authorization: Bearer sk-upstream" in seen[0]
+        await up.close()
+    finally:
+        server.close()
+        await server.wait_closed()

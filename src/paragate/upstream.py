@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
@@ -28,6 +29,7 @@ from .errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
 __all__ = ["Response", "Upstreams"]
 
 _HIGH_WATER = 1 << 20  # stop reading from vLLM while this much is buffered, unread
+_Origin = tuple[str, str, int]  # scheme, host, port
 
 
 class _Connection(asyncio.Protocol):
@@ -173,19 +175,31 @@ class Upstreams:
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._limits: dict[_Origin, asyncio.Semaphore] = {}
+        self._tls_context: ssl.SSLContext | None = None
         self._max = max_connections
         self.opened = 0  # connections opened since start (the benchmark reads it)
 
-    async def _connect(self, host: str, port: int, origin: str) -> _Connection:
+    def _tls(self) -> ssl.SSLContext:
+        # The system's CAs (or SSL_CERT_FILE's), hostname checked: an https upstream
+        # must prove who it is before it sees an upstream API key.
+        if self._tls_context is None:
+            self._tls_context = ssl.create_default_context()
+        return self._tls_context
+
+    async def _connect(self, key: _Origin, origin: str) -> _Connection:
+        scheme, host, port = key
+        tls = self._tls() if scheme == "https" else None
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop), host, port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), host, port, ssl=tls,
+                    server_hostname=host if tls else None)
         except (OSError, TimeoutError) as exc:
             why = "connect timeout" if isinstance(exc, TimeoutError) else (
-                exc.strerror or type(exc).__name__)  # e.g. "Too many open files"
+                exc.strerror or str(exc) or type(exc).__name__)  # "Too many open files"...
             raise UpstreamUnavailable(
                 f"The model server at {origin} is unreachable ({why}).") from exc
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
@@ -194,7 +208,7 @@ class Upstreams:
         self.opened += 1
         return conn
 
-    def _acquire_idle(self, key: tuple[str, int]) -> _Connection | None:
+    def _acquire_idle(self, key: _Origin) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
@@ -211,9 +225,9 @@ class Upstreams:
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if parts.scheme == "https" else 80)
         origin = f"{parts.scheme}://{parts.netloc}"
-        if parts.scheme != "http":
-            raise UpstreamUnavailable(f"Only http:// upstreams are supported, not {origin}.")
-        key = (host, port)
+        if parts.scheme not in ("http", "https"):
+            raise UpstreamUnavailable(f"The upstream {origin} is not http:// or https://.")
+        key = (parts.scheme, host, port)
         head = (
             f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -228,7 +242,7 @@ class Upstreams:
         conn: _Connection | None = None
         try:
             for _attempt in range(2):
-                conn = self._acquire_idle(key) or await self._connect(host, port, origin)
+                conn = self._acquire_idle(key) or await self._connect(key, origin)
                 conn.reset()
                 assert conn.transport is not None
                 conn.transport.write(head + body)
