@@ -100,12 +100,17 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def wait(self, seconds: float) -> None:
-        """Until the parser reports progress, or raise on timeout."""
-        self._waiter = self._loop.create_future()
+        """Until the parser reports progress, or raise TimeoutError after ``seconds``.
+
+        A plain timer on the future, not ``asyncio.timeout``: this runs once per chunk
+        of every stream, and it leaves the task's cancellation count alone (the handler
+        uses it to tell a client's hang-up from a shutdown)."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(seconds, _expire, waiter)
         try:
-            async with asyncio.timeout(seconds):
-                await self._waiter
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
     def take(self) -> bytes:
@@ -123,6 +128,11 @@ class _Connection(asyncio.Protocol):
         self.headers_done = self.complete = False
         self.chunks.clear()
         self._buffered = 0
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Response:
