@@ -261,8 +261,9 @@ class Upstreams:
                     while not conn.headers_done:
                         await response._progress()
                 except UpstreamFailed:
-                    # A reused connection the server had closed meanwhile fails before
-                    # any answer: the request never reached it, so one more try is safe.
+                    # A reused connection that fails before any answer was almost
+                    # surely closed by the server while idle (vLLM's uvicorn drops idle
+                    # keep-alive connections after 5 s): one more try on a fresh one.
                     if conn.status == 0 and conn.used and _attempt == 0:
                         continue
                     raise
