@@ -64,6 +64,7 @@ def main() -> int:
         print(f"{seconds:8.1f} s  {'ok  ' if code == 0 else 'FAIL'}  {name}")
     if failed:
         print(f"failed: {', '.join(failed)}")
+    print(f"tiers: {len(timings) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
