@@ -46,6 +46,9 @@ def test_models_lifecycle(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "env", "words"), [
     (["models", "add", "m", "--upstream", "ftp://x"], {}, "must be an http"),
+    (["models", "add", "m", "--upstream", "http:///v1"], {}, "with a host"),
+    (["models", "add", "m", "--upstream", "http://h/v1", "--upstream-api-key", "a\r\nX: y"],
+     {}, "printable ASCII"),
     (["models", "remove", "nope"], {}, "no model named 'nope'"),
     (["keys", "revoke", "000000000000"], {}, "no key with id"),
     (["keys", "create"], {}, "Missing option '--name'"),

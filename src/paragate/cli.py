@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -222,6 +223,7 @@ def models_add(name: str, upstream: str, upstream_model: str | None,
           --upstream-model /models/alfred-4.2-awq --max-tokens-limit 4096
     """
     _check_url(upstream)
+    _check_api_key(upstream_api_key)
     record = _store().add_model(ModelRecord(
         name=name, upstream_url=upstream, upstream_model=upstream_model or name,
         display_name=display_name or name, upstream_api_key=upstream_api_key,
@@ -239,6 +241,7 @@ def models_add(name: str, upstream: str, upstream_model: str | None,
 def models_update(name: str, upstream: str | None, rename: str | None, **options: Any) -> None:
     """Change a model; only the options given change."""
     changes = {k: v for k, v in options.items() if v is not None}
+    _check_api_key(changes.get("upstream_api_key"))
     if "enable" in changes:
         changes["enabled"] = changes.pop("enable")
     if upstream is not None:
@@ -269,8 +272,17 @@ def models_list() -> None:
 
 
 def _check_url(url: str) -> None:
-    if not url.startswith(("http://", "https://")):
-        _fail(f"--upstream must be an http:// or https:// URL, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(
+        c.isspace() for c in url
+    ):
+        _fail(f"--upstream must be an http:// or https:// URL with a host, got {url!r}")
+
+
+def _check_api_key(key: str | None) -> None:
+    # it goes into an HTTP header: a control character or space would break (or forge) it
+    if key is not None and (not key or not all(33 <= ord(c) < 127 for c in key)):
+        _fail("--upstream-api-key must be printable ASCII without spaces")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
