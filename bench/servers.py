@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from run import free_port  # bench/run.py, beside this file (on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 PY = str(BIN / "python") if (BIN / "python").exists() else sys.executable
@@ -108,14 +110,6 @@ def post(port: int, path: str, key: str = "") -> int:
         return conn.getresponse().status
     finally:
         conn.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
