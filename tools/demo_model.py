@@ -26,7 +26,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 SEED = 0
 CORPUS_CHARS = 2_000_000  # ~110 files, ~610k tokens: about 1.3 epochs of the training below
 VOCAB_SIZE = 2048
-MAX_LEN = 2048
+# The context the model declares. Llama's rotary positions need no trained weights, so a
+# long one costs nothing; vLLM sizes its RoPE table from it (serving beyond it crashes).
+# The end-to-end tier uses it whole for generations long enough to hang up in the middle.
+MAX_LEN = 16384
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 BOS_ID, EOS_ID = 1, 2
 STEPS, BATCH, SEQ_LEN, LR = 400, 16, 128, 3e-3

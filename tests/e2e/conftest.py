@@ -24,6 +24,9 @@ import localvllm
 
 SERVED_NAME = "demo-upstream"  # what vLLM calls the model; the gateway calls it alfred-4.2
 MODEL = "alfred-4.2"
+# The demo model's whole context (tools/demo_model.py MAX_LEN): room for a generation
+# that lasts tens of seconds, which the hang-up test needs.
+CONTEXT = 16384
 
 
 @dataclass
@@ -48,7 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     model_dir = localvllm.ensure_demo_model()
     # --enable-log-requests: vLLM logs each abort, which is how the tests see one
     vllm = localvllm.VLLMServer(model_dir, served_model_name=SERVED_NAME,
-                                log_path=logs / "vllm.log",
+                                log_path=logs / "vllm.log", max_model_len=CONTEXT,
                                 extra_args=["--enable-log-requests"]).start()
     print(f"\nvLLM ready in {time.monotonic() - started:.1f} s (install/build included)")
     try:
