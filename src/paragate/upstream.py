@@ -30,6 +30,8 @@ __all__ = ["Response", "Upstreams"]
 
 _HIGH_WATER = 1 << 20  # stop reading from vLLM while this much is buffered, unread
 _Origin = tuple[str, str, int]  # scheme, host, port
+# origin key, origin text, request head up to the Content-Length value, and after it
+_Target = tuple[_Origin, str, bytes, bytes]
 
 
 class _Connection(asyncio.Protocol):
@@ -190,6 +192,7 @@ class Upstreams:
         self._tls_context: ssl.SSLContext | None = None
         self._max = max_connections
         self.opened = 0  # connections opened since start (the benchmark reads it)
+        self._targets: dict[tuple[str, str | None], _Target] = {}
 
     def _tls(self) -> ssl.SSLContext:
         # The system's CAs (or SSL_CERT_FILE's), hostname checked: an https upstream
@@ -226,24 +229,34 @@ class Upstreams:
                 return conn
         return None
 
+    def _target(self, url: str, api_key: str | None) -> _Target:
+        """Where ``url`` leads and the request head for it, worked out once per URL."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if parts.scheme not in ("http", "https"):
+            raise UpstreamUnavailable(f"The upstream {origin} is not http:// or https://.")
+        key = (parts.scheme, parts.hostname or "127.0.0.1",
+               parts.port or (443 if parts.scheme == "https" else 80))
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        target = (
+            key, origin,
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "Content-Type: application/json\r\nContent-Length: ".encode("latin-1"),
+            f"\r\n{auth}\r\n".encode("latin-1"),
+        )  # fmt: skip
+        if len(self._targets) >= 1024:  # URLs come from the model table: a few in practice
+            self._targets.clear()
+        self._targets[(url, api_key)] = target
+        return target
+
     @asynccontextmanager
     async def post(self, url: str, body: bytes, api_key: str | None) -> AsyncIterator[Response]:
         """POST ``body`` to ``url``. Leaving the block returns the connection to the pool
         if its answer was read to the end, else closes it, which is how vLLM learns that
         a client went away (it then aborts the generation)."""
-        parts = urlsplit(url)
-        host = parts.hostname or "127.0.0.1"
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        if parts.scheme not in ("http", "https"):
-            raise UpstreamUnavailable(f"The upstream {origin} is not http:// or https://.")
-        key = (parts.scheme, host, port)
-        head = (
-            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            + (f"Authorization: Bearer {api_key}\r\n" if api_key else "")
-            + "\r\n"
-        ).encode("latin-1")
+        target = self._targets.get((url, api_key)) or self._target(url, api_key)
+        key, origin, head_start, head_end = target
+        head = b"%s%d%s" % (head_start, len(body), head_end)
         limit = self._limits.get(key)
         if limit is None and self._max:
             limit = self._limits[key] = asyncio.Semaphore(self._max)
