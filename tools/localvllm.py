@@ -250,6 +250,12 @@ class VLLMServer:
                     return
                 time.sleep(0.2)
 
+    def returncode(self) -> int | None:
+        """The API server's exit status once it has exited of its own accord, else None."""
+        if self._proc is None:
+            raise RuntimeError("vLLM server not running")
+        return self._proc.poll()
+
     def wait(self) -> int:
         """Block until the server exits of its own accord; return its exit status."""
         if self._proc is None:

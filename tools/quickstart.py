@@ -100,7 +100,13 @@ Try it:
     -d '{{"model": "{MODEL}", "prompt": "def main(", "max_tokens": 32}}'
 
 Press Ctrl-C to stop.""", flush=True)
-        return gateway.wait()
+        # Watch both: a gateway in front of a dead vLLM would answer 503 to everything.
+        while (code := gateway.poll()) is None:
+            if (vllm_code := vllm.returncode()) is not None:
+                _say(f"vLLM exited ({vllm_code}); the end of its log:\n{vllm.log_tail(15)}")
+                return 1
+            time.sleep(0.5)
+        return code
     except KeyboardInterrupt:
         return 0
     finally:
