@@ -26,7 +26,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "PARAGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 FAKE_BEHAVIOURS = ("slow", "hang", "drop", "error-event", "status-400", "status-404",
-                   "status-500", "status-503", "garbage")
+                   "status-500", "status-503", "garbage", "unauthorized")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ The served model name picks the behaviour, so one fake serves every case:
 ``error-event``    streams one chunk, then vLLM's in-stream error event
 ``status-400``     answers 400 with vLLM's error body (any ``status-NNN``)
 ``garbage``        answers 200 with a body that is not JSON
+``unauthorized``   answers 401 as vLLM does when the upstream API key is wrong
 =================  ==========================================================
 
 Every request body is kept in ``FakeVLLM.requests``; ``FakeVLLM.closed_early`` counts
@@ -73,6 +74,8 @@ class FakeVLLM:
             return web.json_response(
                 {"error": {"message": f"fake refusal {status}", "type": "BadRequestError",
                            "param": "max_tokens", "code": status}}, status=status)
+        if model == "unauthorized":  # vLLM's answer when its --api-key does not match
+            return web.json_response({"error": "Unauthorized"}, status=401)
         if model == "hang":
             await asyncio.sleep(3600)
         if model == "garbage":

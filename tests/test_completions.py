@@ -230,6 +230,15 @@ async def test_upstream_failures(client: httpx.AsyncClient, keys: Keys, model: s
     assert_envelope(r, status, code, type_="upstream_error")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_refusing_the_gateways_credentials_is_a_502(
+        client: httpx.AsyncClient, keys: Keys, stream: bool) -> None:
+    # A 401 relayed as is would tell an SDK user that their own key is wrong.
+    r = await post(client, keys.full, model="unauthorized", prompt="x", stream=stream)
+    err = assert_envelope(r, 502, "upstream_error", type_="upstream_error")
+    assert "upstream API key" in err["message"] and "Unauthorized" in err["message"]
+
+
 @pytest.mark.parametrize(("model", "status", "code"), [
     ("down", 503, "upstream_unavailable"),
     ("hang", 504, "upstream_timeout"),

@@ -98,7 +98,8 @@ class Target:
 
 def upstream_rejection(status: int, data: bytes) -> GatewayError:
     """vLLM's error answer, in our envelope: its 4xx status, type and message kept;
-    a 5xx becomes 502 (503 and 504 keep their meaning)."""
+    a 5xx becomes 502 (503 and 504 keep their meaning). A 401 or 403 is about paragate's
+    own credentials upstream, not the client's key, so it is a 502 that says so."""
     try:
         body = msgspec.json.decode(data, type=_ErrorBody)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -106,6 +107,10 @@ def upstream_rejection(status: int, data: bytes) -> GatewayError:
     err = body.error
     message = (err.message if err else None) or body.detail or body.message or (
         data[:500].decode("utf-8", "replace") or f"HTTP {status}")
+    if status in (401, 403):
+        return UpstreamFailed(
+            f"The model server refused the gateway's credentials ({status}: {message}); "
+            "an administrator must check the model's upstream API key.")
     if 400 <= status < 500:
         return UpstreamRejected(status, message, (err.type if err else "") or
                                 "invalid_request_error", err.param if err else None)
