@@ -57,6 +57,10 @@ def test_models_lifecycle(tmp_path: Path) -> None:
     (["keys", "list"], {"PARAGATE_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/x"},
      "the store failed"),
     (["nonsense"], {}, "No such command"),
+    (["serve", "--port", "abc"], {}, "'abc' is not a valid integer"),
+    (["models", "add", "m", "--upstream", "http://h/v1", "--max-logprobs", "50"], {},
+     "--max-logprobs"),
+    (["keys", "create", "--name", "k", "--bogus"], {}, "No such option '--bogus'"),
 ])
 def test_mistakes_are_one_line_errors(tmp_path: Path, args: list[str], env: dict[str, str],
                                       words: str) -> None:
@@ -64,8 +68,8 @@ def test_mistakes_are_one_line_errors(tmp_path: Path, args: list[str], env: dict
     assert result.returncode != 0
     assert words in result.stderr
     assert "Traceback" not in result.stderr
-    assert len([line for line in result.stderr.splitlines()
-                if line.startswith("Error")]) == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
 
 
 def test_duplicate_model(tmp_path: Path) -> None:
