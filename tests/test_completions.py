@@ -168,6 +168,85 @@ async def test_invalid_bodies(client: httpx.AsyncClient, keys: Keys, fake: FakeV
     assert fake.requests == []
 
 
+M = {"model": "alfred-4.2", "prompt": "x"}
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({"model": "alfred-4.2"}, "prompt", "missing_field"),
+    ({**M, "top_p": 0}, "top_p", "invalid_value"),
+    ({**M, "top_p": 1.5}, "top_p", "invalid_value"),
+    ({**M, "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({**M, "frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
+    ({**M, "logit_bias": {"50256": 101}}, "logit_bias", "invalid_value"),
+    ({**M, "logit_bias": [1, 2]}, "logit_bias", "invalid_type"),
+    ({**M, "max_tokens": -1}, "max_tokens", "invalid_value"),
+    ({**M, "n": 0}, "n", "invalid_value"),
+    ({**M, "n": 3, "best_of": 2}, "best_of", "invalid_value"),
+    ({**M, "best_of": 2, "stream": True}, "best_of", "invalid_value"),
+    ({**M, "logprobs": 6}, "logprobs", "invalid_value"),  # the default maximum is 5
+    ({**M, "temperature": "hot"}, "temperature", "invalid_type"),
+    ({**M, "stream": "yes"}, "stream", "invalid_type"),
+    ({**M, "prompt": {"a": 1}}, "prompt", "invalid_type"),
+])
+async def test_every_rule_over_http(client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM,
+                                    body: dict[str, Any], param: str, code: str) -> None:
+    r = await client.post(URL, json=body, headers=auth(keys.full))
+    assert_envelope(r, 400, code, param, "invalid_request_error")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(("ctype", "raw", "param", "code"), [
+    (b"application/x-www-form-urlencoded", b"model=alfred-4.2&prompt=x&temperature=hot",
+     "temperature", "invalid_type"),
+    (b"application/x-www-form-urlencoded", b"model=alfred-4.2&prompt=x&stream=maybe",
+     "stream", "invalid_type"),
+    (b"application/x-www-form-urlencoded", b"model=alfred-4.2&prompt=x&logit_bias=%5B1%5D",
+     "logit_bias", "invalid_type"),
+    (b"application/x-www-form-urlencoded", b"model=alfred-4.2&prompt=x&n=0", "n",
+     "invalid_value"),
+    (b"application/x-www-form-urlencoded", b"prompt=x", "model", "missing_field"),
+    (*multipart([("model", "alfred-4.2"), ("prompt", "x"), ("max_tokens", "many")]),
+     "max_tokens", "invalid_type"),
+])
+async def test_form_rules_over_http(client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM,
+                                    ctype: bytes, raw: bytes, param: str, code: str) -> None:
+    r = await client.post(URL, content=raw, headers={**auth(keys.full),
+                                                     "content-type": ctype.decode()})
+    assert_envelope(r, 400, code, param, "invalid_request_error")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(("ctype", "raw"), [
+    ("multipart/form-data; boundary=nope", b"garbage"),
+    ("multipart/form-data", b"--x\r\n"),  # no boundary at all
+    ("application/x-www-form-urlencoded", b"model=\xff\xfe&prompt=x"),  # not UTF-8
+    ("application/json", b"[1, 2]"),  # JSON, but not an object
+    ("application/json", b"\xff"),
+])
+async def test_unreadable_bodies(client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM,
+                                 ctype: str, raw: bytes) -> None:
+    r = await client.post(URL, content=raw, headers={**auth(keys.full), "content-type": ctype})
+    assert r.status_code == 400, r.text
+    err = assert_envelope(r, 400, r.json()["error"]["code"], None, "invalid_request_error")
+    assert err["code"] in ("invalid_json", "invalid_body")
+    assert fake.requests == []
+
+
+async def test_chunked_body_over_the_limit(client: httpx.AsyncClient, keys: Keys,
+                                           fake: FakeVLLM) -> None:
+    async def chunks() -> Any:  # no Content-Length: the limit must hold while reading
+        yield b'{"model": "alfred-4.2", "prompt": "'
+        for _ in range(80):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = await client.post(URL, content=chunks(), headers={**auth(keys.full),
+                                                          "content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert_envelope(r, 413, "request_too_large")
+    assert fake.requests == []
+
+
 async def test_malformed_json(client: httpx.AsyncClient, keys: Keys) -> None:
     r = await client.post(URL, content=b'{"model": ', headers={
         **auth(keys.full), "content-type": "application/json"})

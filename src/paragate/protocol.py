@@ -157,7 +157,7 @@ def parse_request(content_type: bytes | None, raw: bytes) -> CompletionRequest:
         try:
             text = raw.decode()
         except UnicodeDecodeError:
-            raise InvalidRequest("The form body is not valid UTF-8.") from None
+            raise InvalidRequest("The form body is not valid UTF-8.", code="invalid_body") from None
         return _check(_from_form(parse_qsl(text, keep_blank_values=True)), None)
     if media == b"multipart/form-data":
         return _check(_from_form(_multipart(content_type or b"", raw)), None)
@@ -180,18 +180,19 @@ def _multipart(content_type: bytes, raw: bytes) -> list[tuple[str, str]]:
     head = b"Content-Type: " + content_type + b"\r\nMIME-Version: 1.0\r\n\r\n"
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
     if not message.is_multipart() or message.defects:
-        raise InvalidRequest("The multipart/form-data body is malformed.")
+        raise InvalidRequest("The multipart/form-data body is malformed.", code="invalid_body")
     pairs = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True)
         if not isinstance(name, str) or not isinstance(payload, bytes):
-            raise InvalidRequest("A multipart/form-data part has no field name.")
+            raise InvalidRequest("A multipart/form-data part has no field name.",
+                                 code="invalid_body")
         try:
             pairs.append((name, payload.decode()))
         except UnicodeDecodeError:
             raise InvalidRequest(f"Form field '{name}' is not valid UTF-8.",
-                                 param=name) from None
+                                 param=name, code="invalid_body") from None
     return pairs
 
 
@@ -250,7 +251,8 @@ def _coerce_text(key: str, kind: str, value: str) -> Any:
                 return value
     except (ValueError, msgspec.DecodeError):
         word = _KIND_WORDS.get(kind, "a JSON object")
-        raise InvalidRequest(f"'{key}' must be {word}, got {value!r}.", param=key) from None
+        raise InvalidRequest(f"'{key}' must be {word}, got {value!r}.", param=key,
+                             code="invalid_type") from None
     return value
 
 
