@@ -31,7 +31,8 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     post = doc["paths"]["/api/v2/completions"]["post"]
     assert set(post["requestBody"]["content"]) == {
         "application/json", "application/x-www-form-urlencoded", "multipart/form-data"}
-    assert {"400", "401", "404", "405", "413", "415", "429", "502", "503", "504"} <= set(post["responses"])
+    assert {"400", "401", "404", "405", "413", "415", "429", "502", "503", "504"} <= set(
+        post["responses"])
     documented = {p for p in doc["paths"]}
     served = {p for p in ROUTES if p != "/api/v2/openapi.json"}
     assert documented == served
