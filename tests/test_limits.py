@@ -49,3 +49,18 @@ async def test_429_in_the_envelope(client: httpx.AsyncClient, keys: Keys) -> Non
     assert int(r.headers["retry-after"]) >= 1
     # other keys are not affected
     assert (await post(client, keys.full, model="alfred-4.2", prompt="x")).status_code == 200
+
+
+async def test_refused_requests_spend_nothing(client: httpx.AsyncClient, keys: Keys) -> None:
+    # A bad body, an unknown model and a request over the model's own max_tokens limit
+    # are all refused before forwarding: the key's 2 requests/minute are still there.
+    for body in ({"model": "alfred-4.2", "prompt": "x", "temperature": 9},
+                 {"model": "nope", "prompt": "x"},
+                 {"model": "limited", "prompt": "x", "max_tokens": 11}):
+        r = await post(client, keys.throttled, **body)
+        assert r.status_code in (400, 404), r.text
+    for _ in range(2):
+        r = await post(client, keys.throttled, model="alfred-4.2", prompt="x", max_tokens=1)
+        assert r.status_code == 200, r.text
+    r = await post(client, keys.throttled, model="alfred-4.2", prompt="x", max_tokens=1)
+    assert r.status_code == 429

@@ -68,15 +68,17 @@ async def completions(gw: Gateway, r: Request) -> None:
     raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
     req = parse_request(header(r.scope, b"content-type"), raw)
     route = gw.registry.resolve(r.caller, req.model)
+    body = req.upstream_body(  # the model's own limits (logprobs, max_tokens) apply here
+        route.upstream_model,
+        max_logprobs=route.max_logprobs,
+        default_max_tokens=route.default_max_tokens,
+        max_tokens_limit=route.max_tokens_limit,
+    )
+    # Last before forwarding, so that only a request that will be sent spends the limit.
     gw.limiter.check(r.caller)  # token budgets will be checked here too
     target = Target(
         url=route.completions_url,
-        body=req.upstream_body(
-            route.upstream_model,
-            max_logprobs=route.max_logprobs,
-            default_max_tokens=route.default_max_tokens,
-            max_tokens_limit=route.max_tokens_limit,
-        ),
+        body=body,
         api_key=route.upstream_api_key,
         requested_model=req.model,
         upstream_model=route.upstream_model,
