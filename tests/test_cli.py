@@ -90,3 +90,10 @@ def test_help(tmp_path: Path, args: list[str]) -> None:
 def test_settings_lists_every_variable(tmp_path: Path) -> None:
     out = run(tmp_path, "settings").stdout
     assert "PARAGATE_DATABASE_URL=" in out and "PARAGATE_UPSTREAM_READ_TIMEOUT=" in out
+
+
+def test_settings_hide_the_database_password(tmp_path: Path) -> None:
+    shown = run(tmp_path, "settings", PARAGATE_DATABASE_URL="postgresql+psycopg://u:s3cret@h/db")
+    assert shown.returncode == 0, shown.stderr
+    assert "s3cret" not in shown.stdout
+    assert "PARAGATE_DATABASE_URL=postgresql+psycopg://u:***@h/db" in shown.stdout

@@ -14,6 +14,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import click
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
@@ -102,7 +103,10 @@ def show_settings() -> None:
     """List every setting: its variable, its value now and what it does."""
     current = _settings()
     for s in SETTINGS:
-        click.echo(f"{s.env}={getattr(current, s.name)}")
+        value = getattr(current, s.name)
+        if s.name == "database_url":  # shown on screens and in logs: never its password
+            value = make_url(value).render_as_string(hide_password=True)
+        click.echo(f"{s.env}={value}")
         click.echo(f"    {s.help} [default: {s.default}]")
 
 

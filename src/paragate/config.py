@@ -96,6 +96,7 @@ NON_SETTING_VARIABLES = frozenset(
         "PARAGATE_VLLM_VENV",  # tools/localvllm.py
         "PARAGATE_VLLM_PACKAGE",  # tools/localvllm.py
         "PARAGATE_TEST_POSTGRES_URL",  # tests
+        "PARAGATE_KEY",  # bench/completion.lua (wrk): the key it sends
     }
 )
 
