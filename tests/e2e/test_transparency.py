@@ -39,7 +39,9 @@ CASES: dict[str, dict[str, Any]] = {
     "vllm_extras": {"top_k": 5, "min_tokens": 4, "repetition_penalty": 1.2, "seed": 11,
                     "temperature": 1.0},
 }
-STREAM_CASES = ["max_tokens", "n", "logprobs", "echo", "stop", "prompt_list", "temperature"]
+# Every case streams too, but best_of: with stream it is a 400 from paragate (OpenAI's
+# rule; vLLM ignores best_of), which test_protocol and test_completions pin.
+STREAM_CASES = sorted(name for name in CASES if name != "best_of")
 
 
 def body(model: str, case: dict[str, Any], **extra: Any) -> dict[str, Any]:
