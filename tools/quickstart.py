@@ -34,12 +34,29 @@ def _say(message: str) -> None:
     print(f"[quickstart] {message}", file=sys.stderr, flush=True)
 
 
+DISPLAY_NAME = "Alfred 4.2 (local demo model)"  # marks the record as the quickstart's
+
+
+def _foreign_model(store: Store) -> str | None:
+    """Why this store's alfred-4.2 is not the quickstart's to repoint, or None."""
+    try:
+        existing = store.get_model(MODEL)
+    except StoreError:
+        return None
+    if existing.display_name == DISPLAY_NAME:
+        return None
+    return (f"{MODEL} in this store already points at {existing.upstream_url}, and "
+            "`make run` will not repoint it: use another store "
+            "(PARAGATE_DATABASE_URL=sqlite:///demo.db make run) or remove the model.")
+
+
 def _register(store: Store, upstream: str) -> None:
+    """Point alfred-4.2 at this run's vLLM (its port changes every run)."""
     try:
         store.update_model(MODEL, upstream_url=upstream, upstream_model=MODEL, enabled=True)
     except StoreError:
         store.add_model(ModelRecord(name=MODEL, upstream_url=upstream, upstream_model=MODEL,
-                                    display_name="Alfred 4.2 (local demo model)"))
+                                    display_name=DISPLAY_NAME))
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -68,6 +85,13 @@ def main() -> int:
     # SIGTERM ends the run like Ctrl-C does, so the servers are always stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
+    store = Store(settings.database_url)
+    store.migrate()
+    foreign = _foreign_model(store)
+    store.close()
+    if foreign:
+        _say(f"error: {foreign}")
+        return 2
     _say("preparing vLLM and the demo model (first run: a few minutes, then cached)")
     model_dir = localvllm.ensure_demo_model()
     vllm = localvllm.VLLMServer(model_dir, served_model_name=MODEL,
