@@ -159,6 +159,22 @@ def test_multipart() -> None:
     assert body == {"model": "m", "prompt": "héllo\nworld", "n": 2, "best_of": 2, "stop": "a"}
 
 
+def test_form_covers_every_kind() -> None:
+    # the same fields, urlencoded and multipart, give the same body
+    pairs = [("model", "m"), ("prompt", "a"), ("prompt", "b"), ("seed", "42"),
+             ("stream", "yes"), ("stream_options", '{"include_usage": true}'),
+             ("top_p", "0.9"), ("presence_penalty", "-1.5"), ("frequency_penalty", "2"),
+             ("logit_bias", '{"7": -100}'), ("stop", "x"), ("stop", "y"), ("echo", "off"),
+             ("suffix", "end"), ("user", "u-1"), ("ignore_eos", "true")]
+    want = {"model": "m", "prompt": ["a", "b"], "seed": 42, "stream": True,
+            "stream_options": {"include_usage": True}, "top_p": 0.9,
+            "presence_penalty": -1.5, "frequency_penalty": 2.0, "logit_bias": {"7": -100},
+            "stop": ["x", "y"], "echo": False, "suffix": "end", "user": "u-1",
+            "ignore_eos": True}
+    assert parse_request(FORM, urlencode(pairs).encode()).body == want
+    assert parse_request(*multipart(pairs)).body == want
+
+
 def test_multipart_malformed() -> None:
     with pytest.raises(InvalidRequest):
         parse_request(b"multipart/form-data; boundary=nope", b"garbage")
