@@ -97,3 +97,21 @@ def test_settings_hide_the_database_password(tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "s3cret" not in shown.stdout
     assert "PARAGATE_DATABASE_URL=postgresql+psycopg://u:***@h/db" in shown.stdout
+
+
+def test_models_update_unset_and_list_limits(tmp_path: Path) -> None:
+    assert run(tmp_path, "models", "add", "m", "--upstream", "http://h/v1", "--max-logprobs",
+               "2", "--max-tokens-limit", "100", "--upstream-api-key", "sk-up",
+               "--display-name", "Model M").returncode == 0
+    listed = run(tmp_path, "models", "list").stdout
+    assert "Model M" in listed and "max-logprobs=2 max-tokens-limit=100" in listed
+    assert "sk-up" not in listed
+    done = run(tmp_path, "models", "update", "m", "--unset", "max-logprobs",
+               "--unset", "upstream-api-key")
+    assert done.returncode == 0, done.stderr
+    row = run(tmp_path, "models", "list").stdout.splitlines()[1]
+    assert "max-logprobs" not in row and "max-tokens-limit=100" in row
+    assert row.split()[-2] == "no"  # no upstream key any more
+    both = run(tmp_path, "models", "update", "m", "--unset", "max-tokens-limit",
+               "--max-tokens-limit", "5")
+    assert both.returncode != 0 and "contradict" in both.stderr

@@ -205,6 +205,12 @@ def _model_options(f: F) -> F:
     return f
 
 
+# `models update --unset X`: the optional fields, by their option names
+_UNSETTABLE = {"upstream-api-key": "upstream_api_key", "max-logprobs": "max_logprobs",
+               "default-max-tokens": "default_max_tokens",
+               "max-tokens-limit": "max_tokens_limit"}
+
+
 @cli.group()
 def models() -> None:
     """Add, list, update and remove the models the gateway serves."""
@@ -242,9 +248,17 @@ def models_add(name: str, upstream: str, upstream_model: str | None,
 @click.option("--rename", help="New technical name.")
 @_model_options
 @click.option("--enable/--disable", default=None, help="Enable or disable the model.")
-def models_update(name: str, upstream: str | None, rename: str | None, **options: Any) -> None:
+@click.option("--unset", "unset", multiple=True, type=click.Choice(sorted(_UNSETTABLE)),
+              help="Remove a limit or the upstream key (back to the default); repeatable.")
+def models_update(name: str, upstream: str | None, rename: str | None,
+                  unset: tuple[str, ...], **options: Any) -> None:
     """Change a model; only the options given change."""
     changes = {k: v for k, v in options.items() if v is not None}
+    for option in unset:
+        field = _UNSETTABLE[option]
+        if field in changes:
+            _fail(f"--unset {option} and --{option} contradict each other")
+        changes[field] = None
     _check_api_key(changes.get("upstream_api_key"))
     if "enable" in changes:
         changes["enabled"] = changes.pop("enable")
@@ -270,9 +284,18 @@ def models_remove(name: str) -> None:
 @models.command("list")
 def models_list() -> None:
     """List models (never their upstream keys)."""
-    rows = [[m.name, m.upstream_url, m.upstream_model, "yes" if m.enabled else "no",
-             "yes" if m.upstream_api_key else "no"] for m in _store().list_models()]
-    _table(rows, ["NAME", "UPSTREAM", "UPSTREAM MODEL", "ENABLED", "UPSTREAM KEY"])
+    rows = [[m.name, m.display_name or "-", m.upstream_url, m.upstream_model,
+             "yes" if m.enabled else "no", "yes" if m.upstream_api_key else "no",
+             _limits(m)] for m in _store().list_models()]
+    _table(rows, ["NAME", "DISPLAY NAME", "UPSTREAM", "UPSTREAM MODEL", "ENABLED",
+                  "UPSTREAM KEY", "LIMITS"])
+
+
+def _limits(m: ModelRecord) -> str:
+    parts = [f"{label}={value}" for label, value in (
+        ("max-logprobs", m.max_logprobs), ("default-max-tokens", m.default_max_tokens),
+        ("max-tokens-limit", m.max_tokens_limit)) if value is not None]
+    return " ".join(parts) or "-"
 
 
 def _check_url(url: str) -> None:
