@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 from paragate.app import ROUTES
 from paragate.protocol import FIELDS
+
+from .conftest import Keys
 
 # The seed's schemas (shared/seed: Paradigm API v2, POST /api/v2/completions).
 SEED_REQUEST = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream",
@@ -36,3 +40,79 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     documented = {p for p in doc["paths"]}
     served = {p for p in ROUTES if p != "/api/v2/openapi.json"}
     assert documented == served
+
+
+# The seed's type of each request field; ours must accept at least that type.
+SEED_TYPES = {"model": "string", "prompt": "string", "max_tokens": "integer",
+              "temperature": "number", "top_p": "number", "n": "integer", "stream": "boolean",
+              "logprobs": "integer", "echo": "boolean", "stop": "array",
+              "presence_penalty": "number", "frequency_penalty": "number",
+              "best_of": "integer", "logit_bias": "object", "user": "string",
+              "suffix": "string"}
+_PY_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+             "array": list, "object": dict}
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    alternatives = schema.get("oneOf") or schema.get("anyOf") or [schema]
+    return {a["type"] for a in alternatives if "type" in a}
+
+
+def conforms(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str) -> None:
+    """Check ``value`` against the subset of OpenAPI 3.0 the document uses."""
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    for part in schema.get("allOf", []):
+        conforms(doc, part, value, where)
+    if value is None:
+        assert schema.get("nullable") or "type" not in schema, f"{where}: null"
+        return
+    if "oneOf" in schema or "anyOf" in schema:
+        errors = 0
+        for alternative in schema.get("oneOf") or schema["anyOf"]:
+            try:
+                conforms(doc, alternative, value, where)
+            except AssertionError:
+                errors += 1
+        assert errors < len(schema.get("oneOf") or schema["anyOf"]), f"{where}: no match"
+        return
+    if "type" in schema:
+        wanted = _PY_TYPES[schema["type"]]
+        assert isinstance(value, wanted) and not (
+            schema["type"] in ("integer", "number") and isinstance(value, bool)
+        ), f"{where}: {value!r} is not {schema['type']}"
+    for name in schema.get("required", []):
+        assert name in value, f"{where}: {name} missing"
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                conforms(doc, sub, value[name], f"{where}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            conforms(doc, schema["items"], item, f"{where}[{i}]")
+
+
+async def test_request_fields_take_the_seeds_types(client: httpx.AsyncClient) -> None:
+    doc = (await client.get("/api/v2/openapi.json")).json()
+    properties = doc["components"]["schemas"]["CompletionsRequest"]["properties"]
+    for name, seed_type in SEED_TYPES.items():
+        assert seed_type in _types(properties[name]), name
+
+
+async def test_real_answers_match_the_document(client: httpx.AsyncClient, keys: Keys) -> None:
+    doc = (await client.get("/api/v2/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    headers = {"Authorization": f"Bearer {keys.full}"}
+    done = await client.post("/api/v2/completions", headers=headers, json={
+        "model": "alfred-4.2", "prompt": "Hi", "max_tokens": 3, "n": 2, "logprobs": 1})
+    assert done.status_code == 200, done.text
+    conforms(doc, schemas["CompletionsResponse"], done.json(), "completion")
+    listed = await client.get("/api/v2/models", headers=headers)
+    conforms(doc, schemas["ModelList"], listed.json(), "models")
+    for bad in ({"model": "alfred-4.2", "prompt": "x", "temperature": 9},
+                {"model": "nope", "prompt": "x"}):
+        refused = await client.post("/api/v2/completions", headers=headers, json=bad)
+        assert str(refused.status_code) in doc["paths"]["/api/v2/completions"]["post"][
+            "responses"]
+        conforms(doc, schemas["Error"], refused.json(), "error")
+    conforms(doc, schemas["Error"], (await client.get("/api/v2/models")).json(), "401")
