@@ -58,6 +58,7 @@ class Plan:
     paced_rate: int  # streams/s of the paced time-to-first-byte test
     warmup_s: int  # unmeasured load before each time-to-first-byte measurement
     rounds: int  # direct/through pairs of the c=1 latency test
+    paced_c: list[int]  # concurrencies of the paced streams/s test
     soak_s: float
     sample_s: float
     holds: list[int]
@@ -422,6 +423,17 @@ class Bench:
         d, g = (self.load("fake-model", x, *tok, "-c", c, "-d", s) for x in (True, False))
         self.row(f"64-token streams/s, unpaced, c={c}", f"{g['rate']:,.0f}/s (direct "
                  f"{d['rate']:,.0f}/s){errs(g)}", ">= 750/s", judge(g["rate"], ">=", 750, "/s", 0))
+        # Paced, closed loop: each stream lasts 64 x 20 ms, so pc streams at a time can
+        # make at most pc / 1.28 streams/s; the gateway keeps up if it gets close to that
+        # with inter-chunk gaps as direct, i.e. it relays pc x 50 events/s one by one.
+        for pc in self.plan.paced_c:
+            d, g = (self.load("fake-paced", x, *tok, "-c", str(pc), "-d",
+                              str(2 * self.plan.secs)) for x in (True, False))
+            self.row(f"64-token streams/s, paced 20 ms/token, c={pc} (at most {pc}/1.28 s = "
+                     f"{pc / 1.28:,.0f}/s)",
+                     f"{g['rate']:,.0f}/s, inter-chunk p99 {g['inter_chunk_ms']['p99']:.2f} ms"
+                     f" (direct {d['rate']:,.0f}/s, {d['inter_chunk_ms']['p99']:.2f} ms)"
+                     + errs(g))
         # Paced: open loop (evenly spaced starts, ~1.3 x rate open at once), not c streams
         # that start and end in lockstep and so measure their own burst.
         # The paced run is 4x longer: at 25 streams/s, 5 s hold 125 first bytes, too few
@@ -656,7 +668,8 @@ def main() -> int:
     plan = Plan(secs=args.seconds or (1 if s else 5),
                 sweep=ints(args.sweep or ("1,8" if s else "1,2,4,8,16,32,64")),
                 stream_c=8 if s else 32, paced_rate=10 if s else 25, warmup_s=1 if s else 3,
-                rounds=1 if s else 3, soak_s=soak_min * 60,
+                rounds=1 if s else 3, paced_c=[50] if s else [500, 1000],
+                soak_s=soak_min * 60,
                 sample_s=0.5 if s else 5.0,
                 holds=ints(args.holds or ("100" if s else "1000,5000,10000")),
                 hold_pace_ms=args.hold_pace_ms or (20 if s else 1000),
