@@ -12,13 +12,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 
+from paragate import control
 from paragate.app import App
-from paragate.auth import new_key
 from paragate.config import Settings
+from paragate.control import Actor
+from paragate.control.users import DEFAULT_USER, SYSTEM_ADMIN
 from paragate.gateway import Gateway
-from paragate.store import ModelRecord, Store
+from paragate.store import Store
+from paragate.store.schema import api_keys
 
 from .fake_vllm import FakeVLLM
 
@@ -56,8 +59,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     # leave the database empty for the next test
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS usage_records, models, api_keys, "
-                          "config_state, alembic_version"))
+        conn.execute(text("DROP TABLE IF EXISTS usage_records, audit_log, api_keys, users, "
+                          "models, companies, config_state, alembic_version CASCADE"))
     engine.dispose()
 
 
@@ -87,30 +90,51 @@ class Keys:
     throttled: str  # 2 requests per minute
 
 
-def make_key(store: Store, name: str, **kw: object) -> tuple[str, str]:
-    token, public_id, secret_hash = new_key()
-    store.add_key(public_id=public_id, secret_hash=secret_hash, name=name, **kw)  # type: ignore[arg-type]
-    return token, public_id
+CLI = Actor.cli()
+
+
+def make_key(store: Store, name: str, *, is_admin: bool = False, user_id: int | None = None,
+             allowed_models: list[str] | None = None, rate_limit_rpm: int | None = None,
+             expires_at: datetime | None = None) -> tuple[str, str]:
+    """A key made as the CLI makes it (an expiry in the past is written afterwards)."""
+    past = expires_at is not None and expires_at <= datetime.now(UTC)
+    made = control.keys.create(
+        store, CLI, name=name, user_id=user_id,
+        builtin=None if user_id is not None else SYSTEM_ADMIN if is_admin else DEFAULT_USER,
+        models=allowed_models, rate_limit_rpm=rate_limit_rpm,
+        expires_at=None if past else expires_at, max_keys=100)
+    if past:
+        force_expiry(store, made.record.public_id, expires_at)
+    assert made.secret is not None
+    return made.secret, made.record.public_id
+
+
+def force_expiry(store: Store, public_id: str, at: datetime | None) -> None:
+    """Set a key's expiry to any time, the past included (the API refuses that)."""
+    with store.change(CLI.audit_columns()) as ch:
+        ch.conn.execute(update(api_keys).where(api_keys.c.public_id == public_id).values(
+            expires_at=at, version=ch.version))
+
+
+def add_model(store: Store, name: str, upstream_url: str, upstream_model: str,
+              **fields: object) -> None:
+    control.models.create(store, CLI, name, upstream_url=upstream_url,
+                          upstream_model=upstream_model, **fields)
 
 
 def seed(store: Store, fake: FakeVLLM) -> Keys:
-    store.add_model(ModelRecord(name="alfred-4.2", upstream_url=fake.base_url,
-                                upstream_model="ok", display_name="Alfred 4.2"))
-    store.add_model(ModelRecord(name="limited", upstream_url=fake.base_url,
-                                upstream_model="ok", max_logprobs=2, default_max_tokens=3,
-                                max_tokens_limit=10))
-    store.add_model(ModelRecord(name="off", upstream_url=fake.base_url, upstream_model="ok",
-                                enabled=False))
-    store.add_model(ModelRecord(name="down", upstream_url="http://127.0.0.1:9/v1",
-                                upstream_model="ok"))
+    add_model(store, "alfred-4.2", fake.base_url, "ok", display_name="Alfred 4.2")
+    add_model(store, "limited", fake.base_url, "ok", max_logprobs=2, default_max_tokens=3,
+              max_tokens_limit=10)
+    add_model(store, "off", fake.base_url, "ok", enabled=False)
+    add_model(store, "down", "http://127.0.0.1:9/v1", "ok")
     for behaviour in FAKE_BEHAVIOURS:
-        store.add_model(ModelRecord(name=behaviour, upstream_url=fake.base_url,
-                                    upstream_model=behaviour))
+        add_model(store, behaviour, fake.base_url, behaviour)
     full, full_id = make_key(store, "full")
     admin, _ = make_key(store, "admin", is_admin=True)
     restricted, _ = make_key(store, "restricted", allowed_models=["alfred-4.2"])
     revoked, revoked_id = make_key(store, "revoked")
-    store.revoke_key(revoked_id)
+    control.keys.revoke(store, CLI, revoked_id)
     expired, _ = make_key(store, "expired",
                           expires_at=datetime.now(UTC) - timedelta(seconds=1))
     throttled, _ = make_key(store, "throttled", rate_limit_rpm=2)

@@ -7,14 +7,15 @@ import asyncio
 import httpx
 import pytest
 
+from paragate import control
 from paragate.app import PUBLIC_PATHS, ROUTES
 
-from .conftest import Keys
+from .conftest import CLI, Keys
 from .test_completions import assert_envelope, auth
 
 
 def concrete(path: str) -> str:
-    return path.replace("{model}", "alfred-4.2")
+    return path.replace("{model}", "alfred-4.2").replace("{id}", "1")
 
 
 PROTECTED = [(p, m) for p, methods in ROUTES.items() for m in methods if p not in PUBLIC_PATHS]
@@ -102,8 +103,8 @@ async def test_revocation_takes_effect_while_running(
 
     assert isinstance(gateway, Gateway)
     assert (await client.get("/api/v2/models", headers=auth(keys.full))).status_code == 200
-    gateway.store.revoke_key(keys.full_id)
-    assert await gateway.registry.refresh()
+    control.keys.revoke(gateway.store, CLI, keys.full_id)
+    assert await gateway.refresher.refresh()
     r = await client.get("/api/v2/models", headers=auth(keys.full))
     assert_envelope(r, 401, "invalid_api_key")
 
@@ -120,7 +121,7 @@ async def test_a_key_expiring_while_cached_is_refused(
     assert isinstance(gateway, Gateway)
     token, _ = make_key(gateway.store, "short", expires_at=datetime.now(UTC) + timedelta(
         seconds=1))
-    assert await gateway.registry.refresh()
+    assert await gateway.refresher.refresh()
     assert (await client.get("/api/v2/models", headers=auth(token))).status_code == 200
     await asyncio.sleep(1.05)
     r = await client.get("/api/v2/models", headers=auth(token))

@@ -6,16 +6,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from paragate.auth import authenticate, hash_secret, new_key, parse_key
+from paragate.auth import check_key, hash_secret, new_key, new_secret, parse_key
 from paragate.errors import AuthenticationFailed
 from paragate.store import KeyRecord
 
 
 def record(public_id: str, secret_hash: str, **kw: object) -> KeyRecord:
     values: dict[str, object] = dict(
-        id=1, public_id=public_id, secret_hash=secret_hash, name="n", is_admin=False,
-        allowed_models=None, rate_limit_rpm=None, created_at=datetime.now(UTC),
-        expires_at=None, revoked_at=None)
+        id=1, public_id=public_id, secret_hash=secret_hash, previous_hash=None,
+        previous_expires_at=None, user_id=1, name="n", model_ids=None, rate_limit_rpm=None,
+        usage_opt_in=True, version=1, created_at=datetime.now(UTC), expires_at=None,
+        revoked_at=None, last_used_at=None)
     values.update(kw)
     return KeyRecord(**values)  # type: ignore[arg-type]
 
@@ -35,20 +36,39 @@ def test_malformed_keys_do_not_parse(token: str) -> None:
     assert parse_key(token) is None
 
 
-def test_authenticate() -> None:
+def test_check_key() -> None:
     token, public_id, secret_hash = new_key()
-    keys = {public_id: record(public_id, secret_hash, allowed_models=("a",))}
-    who = authenticate(f"Bearer {token}".encode(), keys)
-    assert who.public_id == public_id and who.may_use("a") and not who.may_use("b")
-    assert authenticate(f"bearer   {token}  ".encode(), keys).key_id == 1
+    keys = {public_id: record(public_id, secret_hash)}
+    found, until = check_key(f"Bearer {token}".encode(), keys)
+    assert found.public_id == public_id and until is None
+    assert check_key(f"bearer   {token}  ".encode(), keys)[0].id == 1
     with pytest.raises(AuthenticationFailed, match="Invalid"):
-        authenticate(f"Bearer {token}x".encode(), keys)
+        check_key(f"Bearer {token}x".encode(), keys)
     past = datetime.now(UTC) - timedelta(seconds=1)
     with pytest.raises(AuthenticationFailed, match="revoked"):
-        authenticate(f"Bearer {token}".encode(),
-                     {public_id: record(public_id, secret_hash, revoked_at=past)})
+        check_key(f"Bearer {token}".encode(),
+                  {public_id: record(public_id, secret_hash, revoked_at=past)})
     with pytest.raises(AuthenticationFailed, match="expired"):
-        authenticate(f"Bearer {token}".encode(),
-                     {public_id: record(public_id, secret_hash, expires_at=past)})
+        check_key(f"Bearer {token}".encode(),
+                  {public_id: record(public_id, secret_hash, expires_at=past)})
     with pytest.raises(AuthenticationFailed, match="Missing"):
-        authenticate(None, keys)
+        check_key(None, keys)
+
+
+def test_a_rotated_secret_works_until_its_grace_ends() -> None:
+    old, public_id, old_hash = new_key()
+    secret, new_hash = new_secret()
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    rotated = {public_id: record(public_id, new_hash, previous_hash=old_hash,
+                                 previous_expires_at=soon)}
+    found, until = check_key(f"Bearer {old}".encode(), rotated)
+    assert found.public_id == public_id
+    assert until == soon.timestamp()  # the cache must drop the old secret then
+    assert check_key(f"Bearer pg-{public_id}-{secret}".encode(), rotated)[1] is None
+    over = {public_id: record(public_id, new_hash, previous_hash=old_hash,
+                              previous_expires_at=past)}
+    with pytest.raises(AuthenticationFailed, match="rotated"):
+        check_key(f"Bearer {old}".encode(), over)
+    with pytest.raises(AuthenticationFailed, match="Invalid"):  # no grace at all
+        check_key(f"Bearer {old}".encode(), {public_id: record(public_id, new_hash)})

@@ -16,8 +16,9 @@ from .test_completions import assert_envelope, post
 
 
 def principal(rpm: int | None, key_id: int = 1) -> Principal:
-    return Principal(key_id=key_id, public_id="p", name="n", is_admin=False,
-                     allowed_models=None, rate_limit_rpm=rpm, expires_at=None)
+    return Principal(key_id=key_id, public_id="p", name="n", user_id=1, company_id=1,
+                     role="user", key_manager=False, model_ids=None, rate_limit_rpm=rpm,
+                     expires_at=None, usage_opt_in=True)
 
 
 def test_bucket_allows_a_burst_then_refills(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,10 +8,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from paragate.store import ModelRecord, Store, StoreError, UsageRecord
+from paragate import control
+from paragate.store import Store, UsageRecord
 from paragate.store.schema import metadata
 
-from .conftest import make_key
+from .conftest import CLI, add_model, make_key
 
 
 def test_migrations_match_the_tables_the_code_uses(store: Store) -> None:
@@ -21,62 +22,66 @@ def test_migrations_match_the_tables_the_code_uses(store: Store) -> None:
     assert diff == []
 
 
-def test_keys(store: Store) -> None:
+def test_every_change_bumps_the_version_and_stamps_its_rows(store: Store) -> None:
     v0 = store.version()
-    token, public_id = make_key(store, "ci", allowed_models=["a", "b"])
-    assert store.version() == v0 + 1
-    (key,) = store.list_keys()
-    assert key.public_id == public_id and key.name == "ci"
-    assert key.allowed_models == ("a", "b")
+    token, public_id = make_key(store, "ci")
+    v1 = store.version()
+    assert v1 > v0
+    changes = store.changes(v0)
+    assert changes.version == v1
+    assert [k.public_id for k in changes.keys] == [public_id]
+    assert [u.builtin for u in changes.users] == ["default_user"]  # made on first use
+    assert changes.models == () and changes.companies == ()
+    key = changes.keys[0]
     assert key.secret_hash not in token and len(key.secret_hash) == 64
-    assert key.created_at.tzinfo is not None
-    assert store.revoke_key(public_id).revoked_at is not None
-    assert store.version() == v0 + 2
-    store.revoke_key(public_id)  # revoking twice changes nothing
-    assert store.version() == v0 + 2
-    with pytest.raises(StoreError):
-        store.revoke_key("000000000000")
+    assert key.created_at.tzinfo is not None and key.version == v1
+    assert store.changes(v1).rows == 0
+    control.keys.revoke(store, CLI, public_id)
+    (revoked,) = store.changes(v1).keys
+    assert revoked.revoked_at is not None and revoked.version > v1
 
 
-def test_models(store: Store) -> None:
-    m = store.add_model(ModelRecord(name="alfred-4.2", upstream_url="http://h:8000/v1",
-                                    upstream_model="served", upstream_api_key="sk-up"))
-    assert m.display_name == "alfred-4.2" and m.enabled and m.type == "llm"
-    with pytest.raises(StoreError, match="exists"):
-        store.add_model(ModelRecord(name="alfred-4.2", upstream_url="x", upstream_model="y"))
-    v = store.version()
-    m = store.update_model("alfred-4.2", enabled=False, max_tokens_limit=100)
-    assert (m.enabled, m.max_tokens_limit, m.upstream_api_key) == (False, 100, "sk-up")
-    assert store.version() == v + 1
-    store.update_model("alfred-4.2", name="alfred-5")
-    assert [x.name for x in store.list_models()] == ["alfred-5"]
-    with pytest.raises(StoreError):
-        store.update_model("nope", enabled=True)
-    with pytest.raises(StoreError, match="unknown"):
-        store.update_model("alfred-5", colour="red")
-    store.remove_model("alfred-5")
-    with pytest.raises(StoreError):
-        store.remove_model("alfred-5")
-    assert store.list_models() == []
-
-
-def test_snapshot_is_consistent(store: Store) -> None:
+def test_a_full_load_is_every_row(store: Store) -> None:
     make_key(store, "k")
-    store.add_model(ModelRecord(name="m", upstream_url="http://h/v1", upstream_model="m"))
-    snap = store.snapshot()
-    assert snap.version == store.version()
-    assert [k.name for k in snap.keys] == ["k"] and [m.name for m in snap.models] == ["m"]
+    add_model(store, "m", "http://h/v1", "m")
+    everything = store.changes(0)
+    assert everything.version == store.version()
+    assert [k.name for k in everything.keys] == ["k"]
+    assert [m.name for m in everything.models] == ["m"]
+    assert [c.name for c in everything.companies] == ["Default"]
+
+
+def test_a_failed_change_leaves_nothing(store: Store) -> None:
+    v = store.version()
+    with pytest.raises(RuntimeError), store.change(CLI.audit_columns()) as ch:
+        ch.audit("test.nothing", "company", 1, 1, {})
+        raise RuntimeError("in the middle")
+    assert store.version() == v
+    assert control.audit.list_(store, CLI, action="test.nothing").data == []
 
 
 def test_usage_batch(store: Store) -> None:
     now = datetime.now(UTC)
     records = [UsageRecord(request_id=f"r{i}", created_at=now, key_id=1, model="m",
                            stream=bool(i % 2), status=200, outcome="ok", prompt_tokens=i,
-                           completion_tokens=2, total_tokens=i + 2, duration_ms=5)
+                           completion_tokens=2, total_tokens=i + 2, duration_ms=5,
+                           user_id=1, company_id=1, model_id=3)
                for i in range(50)]
     assert store.insert_usage(records) == 50
     assert store.insert_usage([]) == 0
     assert store.list_usage() == records
+
+
+def test_last_used_is_not_a_config_change(store: Store) -> None:
+    make_key(store, "k")
+    (key,) = store.changes(0).keys
+    v = store.version()
+    at = datetime.now(UTC)
+    store.touch_keys({key.id}, at)
+    assert store.version() == v
+    (touched,) = store.changes(0).keys
+    assert touched.last_used_at is not None
+    assert abs(touched.last_used_at.timestamp() - at.timestamp()) < 1e-3
 
 
 def test_postgres_url_without_driver_uses_psycopg() -> None:

@@ -23,9 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import localvllm
 
-from paragate.auth import new_key
+from paragate import control
 from paragate.config import ConfigError, load
-from paragate.store import ModelRecord, Store, StoreError
+from paragate.control import Actor
+from paragate.control.users import SYSTEM_ADMIN
+from paragate.errors import NotFound
+from paragate.store import Store
+
+CLI = Actor.cli()  # the quickstart's changes are audited as the CLI's
 
 MODEL = "alfred-4.2"
 
@@ -40,8 +45,8 @@ DISPLAY_NAME = "Alfred 4.2 (local demo model)"  # marks the record as the quicks
 def _foreign_model(store: Store) -> str | None:
     """Why this store's alfred-4.2 is not the quickstart's to repoint, or None."""
     try:
-        existing = store.get_model(MODEL)
-    except StoreError:
+        existing = control.models.get(store, CLI, MODEL)
+    except NotFound:
         return None
     if existing.display_name == DISPLAY_NAME:
         return None
@@ -53,10 +58,11 @@ def _foreign_model(store: Store) -> str | None:
 def _register(store: Store, upstream: str) -> None:
     """Point alfred-4.2 at this run's vLLM (its port changes every run)."""
     try:
-        store.update_model(MODEL, upstream_url=upstream, upstream_model=MODEL, enabled=True)
-    except StoreError:
-        store.add_model(ModelRecord(name=MODEL, upstream_url=upstream, upstream_model=MODEL,
-                                    display_name=DISPLAY_NAME))
+        control.models.update(store, CLI, MODEL, upstream_url=upstream, upstream_model=MODEL,
+                              enabled=True)
+    except NotFound:
+        control.models.create(store, CLI, MODEL, upstream_url=upstream, upstream_model=MODEL,
+                              display_name=DISPLAY_NAME)
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -102,9 +108,8 @@ def main() -> int:
         store = Store(settings.database_url)
         store.migrate()
         _register(store, vllm.base_url)
-        token, public_id, secret_hash = new_key()
-        store.add_key(public_id=public_id, secret_hash=secret_hash, name="quickstart admin",
-                      is_admin=True)
+        token = control.keys.create(store, CLI, name="quickstart admin",
+                                    builtin=SYSTEM_ADMIN).secret
         store.close()
         env = {**os.environ, "PARAGATE_PORT": str(settings.port)}
         gateway = subprocess.Popen([sys.executable, "-m", "paragate", "serve"], env=env)

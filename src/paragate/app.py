@@ -8,43 +8,45 @@ request is what the handlers do.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
+from . import admin, routes
+from .access import require
 from .asgi import ClientGone, Receive, Scope, Send, header, send_error
 from .config import Settings
 from .errors import GatewayError, MethodNotAllowed, NotFound
 from .gateway import Gateway
-from .routes import Request, completions, get_model, health, list_models, openapi
+from .routing import Endpoint, Request, Router, Table
 from .store import Store
 
 __all__ = ["PUBLIC_PATHS", "ROUTES", "App", "create_app"]
 
 log = logging.getLogger("paragate.app")
 
-Handler = Callable[[Gateway, Request], Awaitable[None]]
 
-ROUTES: dict[str, dict[str, Handler]] = {
-    "/api/v2/completions": {"POST": completions},
-    "/api/v2/models": {"GET": list_models},
-    "/api/v2/models/{model}": {"GET": get_model},
-    "/api/v2/openapi.json": {"GET": openapi},
-    "/health": {"GET": health},
-}
+def _merge(*tables: Table) -> dict[str, dict[str, Endpoint]]:
+    merged: dict[str, dict[str, Endpoint]] = {}
+    for table in tables:
+        for path, methods in table.items():
+            for method, endpoint in methods.items():
+                if method in merged.setdefault(path, {}):
+                    raise RuntimeError(f"{method} {path} is routed twice")  # a bug
+                merged[path][method] = endpoint
+    return merged
+
+
+# The data plane's routes and the control plane's, side by side; each endpoint names
+# the permission it needs (access.PERMISSIONS), or is public.
+ROUTES = _merge(routes.ROUTES, admin.ROUTES)
 
 # Routes answered without a key, and why. Everything else requires one.
 PUBLIC_PATHS: dict[str, str] = {
     "/health": "load balancers and orchestrators probe liveness without credentials",
     "/api/v2/openapi.json": "the API's description holds no data and helps clients integrate",
 }
-
-_MODEL_PREFIX = "/api/v2/models/"
-
-
-def _route(path: str) -> tuple[str, str]:
-    """(route template, path parameter) for a request path."""
-    if path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
-        return "/api/v2/models/{model}", path[len(_MODEL_PREFIX):]
-    return path.rstrip("/") or "/", ""
+_ROUTER = Router(ROUTES)
+if {p for p, m in ROUTES.items() for e in m.values() if e.permission is None} != set(
+        PUBLIC_PATHS):  # pragma: no cover - a bug, caught at import
+    raise RuntimeError("the public endpoints and PUBLIC_PATHS disagree")
 
 
 class App:
@@ -62,21 +64,24 @@ class App:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
-        template, param = _route(scope["path"])
         try:
-            methods = ROUTES.get(template)
-            if methods is None:
-                raise NotFound(f"No route for {scope['path']}.")
-            handler = methods.get(scope["method"])
-            if handler is None:
+            found = _ROUTER.match(scope["path"])
+            if found is None:
+                raise NotFound(f"No route for {scope['path'][:200]}.")
+            _, param, methods = found
+            endpoint = methods.get(scope["method"])
+            if endpoint is None:
                 allowed = ", ".join(sorted(methods))
                 raise MethodNotAllowed(
-                    f"Method {scope['method']} is not allowed here; use {allowed}.",
+                    f"Method {scope['method'][:20]} is not allowed here; use {allowed}.",
                     headers={"allow": allowed})
             principal = None
-            if template not in PUBLIC_PATHS:
+            permission = endpoint.permission
+            if permission is not None:  # the one authorization check, before any body
                 principal = gw.registry.authenticate(header(scope, b"authorization"))
-            await handler(gw, Request(scope, receive, send, principal, param))
+                if principal.role not in permission.roles or permission.key_manager:
+                    require(principal, permission)
+            await endpoint.handler(gw, Request(scope, receive, send, principal, param))
         except GatewayError as exc:
             await send_error(send, exc)
         except ClientGone:

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from .errors import GatewayError, RequestTooLarge
 
-__all__ = ["Receive", "Scope", "Send", "read_body", "send_error", "send_json", "start_response"]
+__all__ = [
+    "Receive",
+    "Scope",
+    "Send",
+    "read_body",
+    "request_id",
+    "send_error",
+    "send_json",
+    "start_response",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+
+# Request ids: random per process, then a counter (cheaper than random per request).
+_ID_PREFIX = os.urandom(8).hex() + "-"
+_ids = itertools.count(1)
+
+
+def request_id() -> str:
+    """A new id, unique across processes and restarts."""
+    return f"{_ID_PREFIX}{next(_ids):x}"
 
 
 class ClientGone(Exception):

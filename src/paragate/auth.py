@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from .errors import AuthenticationFailed
 from .store.records import KeyRecord
@@ -23,44 +24,59 @@ from .store.records import KeyRecord
 __all__ = [
     "EXPIRED",
     "KEY_PREFIX",
+    "REVOKED",
     "Principal",
-    "authenticate",
+    "check_key",
+    "format_key",
     "hash_secret",
     "new_key",
+    "new_secret",
     "parse_key",
 ]
 
 KEY_PREFIX = "pg"
 EXPIRED = "This API key has expired."
+REVOKED = "This API key has been revoked."
 _PUBLIC_ID_LEN = 12
 _DUMMY_HASH = hashlib.sha256(b"paragate: no such key").hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the seam where tenancy (user, company, roles) will hang."""
+    """Who is calling: the key, the user it acts as, and that user's company and role."""
 
     key_id: int
     public_id: str
     name: str
-    is_admin: bool
-    allowed_models: frozenset[str] | None  # None: every model
+    user_id: int
+    company_id: int
+    role: str  # admin | company_admin | user (see access.py)
+    key_manager: bool
+    model_ids: frozenset[int] | None  # None: every model the company may use
     rate_limit_rpm: int | None  # None: no limit
-    expires_at: float | None  # a Unix time, or None: never
-
-    def may_use(self, model: str) -> bool:
-        return self.allowed_models is None or model in self.allowed_models
+    expires_at: float | None  # a Unix time (the key's, or its old secret's), or None
+    usage_opt_in: bool
 
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def new_secret() -> tuple[str, str]:
+    """(secret, its hash)."""
+    secret = secrets.token_urlsafe(32)
+    return secret, hash_secret(secret)
+
+
 def new_key() -> tuple[str, str, str]:
     """A fresh key: (full key to hand out once, public id, hash of its secret)."""
     public_id = secrets.token_hex(_PUBLIC_ID_LEN // 2)
-    secret = secrets.token_urlsafe(32)
-    return f"{KEY_PREFIX}-{public_id}-{secret}", public_id, hash_secret(secret)
+    secret, secret_hash = new_secret()
+    return format_key(public_id, secret), public_id, secret_hash
+
+
+def format_key(public_id: str, secret: str) -> str:
+    return f"{KEY_PREFIX}-{public_id}-{secret}"
 
 
 def parse_key(token: str) -> tuple[str, str] | None:
@@ -72,8 +88,11 @@ def parse_key(token: str) -> tuple[str, str] | None:
     return public_id, secret
 
 
-def authenticate(authorization: bytes | None, keys: dict[str, KeyRecord]) -> Principal:
-    """Check an ``Authorization`` header value against the known keys, or raise 401."""
+def check_key(authorization: bytes | None,
+              keys: Mapping[str, KeyRecord]) -> tuple[KeyRecord, float | None]:
+    """The key an ``Authorization`` header value names, if its secret is right and it is
+    neither revoked nor expired, and until when that holds (a Unix time, or None);
+    else 401. A key's previous secret (see rotation) is accepted until its grace ends."""
     if not authorization:
         raise AuthenticationFailed(
             "Missing API key: send it as 'Authorization: Bearer <key>'."
@@ -87,21 +106,18 @@ def authenticate(authorization: bytes | None, keys: dict[str, KeyRecord]) -> Pri
     record = keys.get(parsed[0]) if parsed else None
     expected = record.secret_hash if record else _DUMMY_HASH
     given = hash_secret(parsed[1]) if parsed else ""
-    if not hmac.compare_digest(given, expected) or record is None:
-        raise AuthenticationFailed("Invalid API key.")
-    now = datetime.now(UTC)
+    until = record.expires_at.timestamp() if record and record.expires_at else None
+    if not hmac.compare_digest(given, expected):
+        previous = record.previous_hash if record else None
+        grace = record.previous_expires_at if record else None
+        if previous is None or grace is None or not hmac.compare_digest(given, previous):
+            raise AuthenticationFailed("Invalid API key.")
+        if time.time() >= grace.timestamp():
+            raise AuthenticationFailed("This API key's secret was rotated; use the new one.")
+        until = min(until, grace.timestamp()) if until is not None else grace.timestamp()
+    assert record is not None
     if record.revoked_at is not None:
-        raise AuthenticationFailed("This API key has been revoked.")
-    if record.expires_at is not None and now >= record.expires_at:
+        raise AuthenticationFailed(REVOKED)
+    if until is not None and time.time() >= until:
         raise AuthenticationFailed(EXPIRED)
-    return Principal(
-        key_id=record.id,
-        public_id=record.public_id,
-        name=record.name,
-        is_admin=record.is_admin,
-        allowed_models=frozenset(record.allowed_models)
-        if record.allowed_models is not None
-        else None,
-        rate_limit_rpm=record.rate_limit_rpm,
-        expires_at=record.expires_at.timestamp() if record.expires_at else None,
-    )
+    return record, until

@@ -1,4 +1,6 @@
-"""Where the gateway's store work runs: one thread, at a low OS priority.
+"""Where the gateway's store work runs: threads at a low OS priority, one per kind of
+work (the refresher, the usage writer, the admin API), so that none waits behind another:
+a slow batch of usage inserts never delays a revocation.
 
 The event loop must never wait for the database, so reloading keys and writing usage
 happen in a thread. But a thread shares the loop's core (and the GIL): left at normal
@@ -34,9 +36,9 @@ def _lower_priority() -> None:
 
 
 class StoreThread:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "paragate-store") -> None:
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="paragate-store", initializer=_lower_priority
+            max_workers=1, thread_name_prefix=name, initializer=_lower_priority
         )
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -1,4 +1,6 @@
-"""The ``paragate`` command: serve the gateway, manage keys and models.
+"""The ``paragate`` command: serve the gateway; manage companies, users, keys and models;
+read the audit log. Every change goes through ``control``, the layer the admin API uses
+too: the same validation, the same audit rows (actor ``cli``).
 
 Every command reads the same settings as the server (``PARAGATE_*`` variables, or the
 file named by ``PARAGATE_CONFIG``); ``PARAGATE_DATABASE_URL`` picks the store. A mistake
@@ -11,16 +13,22 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
 
 import click
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import __version__
-from .auth import new_key
+from . import __version__, control
+from .access import ROLES, USER
 from .config import SETTINGS, ConfigError, Settings, load
-from .store import ModelRecord, Store, StoreError
+from .control import Actor, Page
+from .control.common import MAX_PAGE
+from .control.keys import Key
+from .control.users import DEFAULT_USER, SYSTEM_ADMIN
+from .errors import GatewayError
+from .store import ModelRecord, Store
+
+CLI = Actor.cli()
 
 __all__ = ["main"]
 
@@ -61,6 +69,12 @@ def cli() -> None:
       paragate keys create --name me --admin
       paragate serve --port 8080
 
+    \b
+    A company, its admin and a user's key:
+      C=$(paragate companies create ACME | tail -n 1)
+      U=$(paragate users create --company $C --email ana@acme.example | tail -n 1)
+      paragate keys create --name ana-laptop --user $U
+
     Settings come from PARAGATE_* environment variables (see `paragate settings`);
     PARAGATE_DATABASE_URL selects the store (default: SQLite file ./paragate.db).
     """
@@ -93,7 +107,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         log_level=settings.log_level,
         access_log=settings.access_log,
         server_header=False,
-        proxy_headers=False,  # paragate does not use the client address
+        proxy_headers=False,  # paragate reads X-Forwarded-For itself, from trusted proxies
         date_header=False,
     )
 
@@ -122,64 +136,224 @@ def db_upgrade() -> None:
     click.echo("schema is up to date")
 
 
+# -- companies and users ---------------------------------------------------------------
+
+
+def _ids(value: str | None, option: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated ids, got {value!r}")
+
+
+def _all_pages(fetch: Callable[..., Page[Any]], **kwargs: Any) -> list[Any]:
+    out: list[Any] = []
+    after = None
+    while True:
+        found = fetch(limit=MAX_PAGE, after=after, **kwargs)
+        out += found.data
+        if not found.has_more:
+            return out
+        after = _cursor(found.data[-1])
+
+
+def _cursor(item: Any) -> Any:
+    return item.record.public_id if isinstance(item, Key) else item.id
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+@cli.group()
+def companies() -> None:
+    """Create, list, rename and remove companies."""
+
+
+@companies.command("create")
+@click.argument("name")
+def companies_create(name: str) -> None:
+    """Create a company; its id is printed alone on the last line.
+
+    \b
+    Example:
+      COMPANY=$(paragate companies create "ACME Research" | tail -n 1)
+    """
+    made = control.companies.create(_store(), CLI, name)
+    click.echo(f"created company {made.id} ({made.name})")
+    click.echo(made.id)
+
+
+@companies.command("list")
+def companies_list() -> None:
+    """List the companies."""
+    store = _store()
+    rows = [[str(c.id), c.name, "yes" if c.builtin else "", _when(c.created_at)]
+            for c in _all_pages(lambda **kw: control.companies.list_(store, CLI, **kw))]
+    _table(rows, ["ID", "NAME", "BUILT-IN", "CREATED"])
+
+
+@companies.command("update")
+@click.argument("company_id", type=int)
+@click.option("--name", required=True, help="The new name.")
+def companies_update(company_id: int, name: str) -> None:
+    """Rename a company."""
+    done = control.companies.update(_store(), CLI, company_id, name=name)
+    click.echo(f"updated company {done.id} ({done.name})")
+
+
+@companies.command("remove")
+@click.argument("company_id", type=int)
+def companies_remove(company_id: int) -> None:
+    """Delete a company: its users are deleted and their keys revoked (their usage and
+    audit history stay)."""
+    gone = control.companies.delete(_store(), CLI, company_id)
+    click.echo(f"removed company {gone.id} ({gone.name})")
+
+
+@cli.group()
+def users() -> None:
+    """Create, list, change and remove users."""
+
+
+@users.command("create")
+@click.option("--company", "company_id", type=int, required=True, help="The company's id.")
+@click.option("--email", required=True, help="The user's email (unique).")
+@click.option("--name", default="", help="The name shown to people.")
+@click.option("--role", type=click.Choice(ROLES), default=USER, show_default=True,
+              help="admin: everything; company_admin: their company; user: their keys.")
+@click.option("--key-manager", is_flag=True, help="May create and rotate their own keys.")
+def users_create(company_id: int, email: str, name: str, role: str,
+                 key_manager: bool) -> None:
+    """Create a user; its id is printed alone on the last line.
+
+    \b
+    Example:
+      USER=$(paragate users create --company 2 --email ana@acme.example --key-manager | tail -n 1)
+    """
+    made = control.users.create(_store(), CLI, company_id=company_id, email=email,
+                                name=name, role=role, key_manager=key_manager)
+    click.echo(f"created user {made.id} ({made.email}, {made.role})")
+    click.echo(made.id)
+
+
+@users.command("list")
+@click.option("--company", "company_id", type=int, help="Only this company's users.")
+def users_list(company_id: int | None) -> None:
+    """List users."""
+    store = _store()
+    found = _all_pages(lambda **kw: control.users.list_(store, CLI, **kw),
+                       company_id=company_id)
+    rows = [[str(u.id), str(u.company_id), u.email, u.name, u.role,
+             "yes" if u.key_manager else "no", u.builtin or ""] for u in found]
+    _table(rows, ["ID", "COMPANY", "EMAIL", "NAME", "ROLE", "KEY MANAGER", "BUILT-IN"])
+
+
+@users.command("update")
+@click.argument("user_id", type=int)
+@click.option("--email", help="A new email.")
+@click.option("--name", help="A new name.")
+@click.option("--role", type=click.Choice(ROLES), help="A new role.")
+@click.option("--key-manager/--no-key-manager", default=None,
+              help="Grant or withdraw the key_manager permission.")
+def users_update(user_id: int, **options: Any) -> None:
+    """Change a user; only the options given change."""
+    changes = {k: v for k, v in options.items() if v is not None}
+    if not changes:
+        _fail("nothing to change: give at least one option")
+    done = control.users.update(_store(), CLI, user_id, **changes)
+    click.echo(f"updated user {done.id} ({done.email}, {done.role})")
+
+
+@users.command("remove")
+@click.argument("user_id", type=int)
+def users_remove(user_id: int) -> None:
+    """Delete a user and revoke their keys (their usage and audit history stay)."""
+    gone = control.users.delete(_store(), CLI, user_id)
+    click.echo(f"removed user {gone.id} ({gone.email})")
+
+
 # -- keys ----------------------------------------------------------------------------
 
 
 @cli.group()
 def keys() -> None:
-    """Create, list and revoke API keys."""
+    """Create, list, rotate and revoke API keys."""
 
 
 @keys.command("create")
-@click.option("--name", required=True, help="Who or what the key is for.")
-@click.option("--admin", is_flag=True, help="An administrator's key.")
+@click.option("--name", required=True, help="Who or what the key is for (1-50 characters).")
+@click.option("--user", "user_id", type=int, help="The user the key acts as [default: the "
+              "built-in default user of the default company].")
+@click.option("--admin", is_flag=True, help="A key of the built-in system admin.")
 @click.option("--models", "models_", help="Comma-separated models the key may use "
-              "[default: every model].")
+              "[default: every model its company may use].")
 @click.option("--rate-limit-rpm", type=click.IntRange(min=1),
               help="Requests per minute the key may send, counted per gateway process "
               "[default: no limit].")
 @click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True),
               help="Expire the key after this many days [default: never].")
-def keys_create(name: str, admin: bool, models_: str | None, rate_limit_rpm: int | None,
-                expires_in_days: float | None) -> None:
+def keys_create(name: str, user_id: int | None, admin: bool, models_: str | None,
+                rate_limit_rpm: int | None, expires_in_days: float | None) -> None:
     """Create a key. Its secret is printed once, alone on the last line of stdout.
 
     \b
     Example:
       KEY=$(paragate keys create --name ci-bot | tail -n 1)
     """
+    if admin and user_id is not None:
+        _fail("--admin and --user contradict each other: give one")
     allowed = [m.strip() for m in models_.split(",") if m.strip()] if models_ else None
     expires = (datetime.now(UTC) + timedelta(days=expires_in_days)) if expires_in_days else None
-    token, public_id, secret_hash = new_key()
-    _store().add_key(public_id=public_id, secret_hash=secret_hash, name=name, is_admin=admin,
-                     allowed_models=allowed, rate_limit_rpm=rate_limit_rpm,
-                     expires_at=expires)
+    builtin = None if user_id is not None else (SYSTEM_ADMIN if admin else DEFAULT_USER)
+    settings = _settings()
+    made = control.keys.create(
+        _store(), CLI, name=name, user_id=user_id, builtin=builtin, models=allowed,
+        expires_at=expires, rate_limit_rpm=rate_limit_rpm,
+        max_keys=settings.max_keys_per_user)
     kind = "admin key" if admin else "key"
-    click.echo(f"created {kind} {public_id} ({name}); store the secret now, it is not kept:")
-    click.echo(token)
+    click.echo(f"created {kind} {made.record.public_id} ({name}) for user "
+               f"{made.record.user_id}; store the secret now, it is not kept:")
+    click.echo(made.secret)
 
 
 @keys.command("list")
-def keys_list() -> None:
+@click.option("--user", "user_id", type=int, help="Only this user's keys.")
+@click.option("--company", "company_id", type=int, help="Only this company's keys.")
+@click.option("--state", type=click.Choice(control.keys.STATES), help="Only keys in this state.")
+def keys_list(user_id: int | None, company_id: int | None, state: str | None) -> None:
     """List keys (never their secrets)."""
-    rows = []
-    for k in _store().list_keys():
-        state = "revoked" if k.revoked_at else (
-            "expired" if k.expires_at and k.expires_at <= datetime.now(UTC) else "active")
-        rows.append([k.public_id, k.name, "yes" if k.is_admin else "no", state,
-                     ",".join(k.allowed_models) if k.allowed_models is not None else "*",
-                     str(k.rate_limit_rpm or "-"),
-                     k.created_at.strftime("%Y-%m-%d %H:%M"),
-                     k.expires_at.strftime("%Y-%m-%d %H:%M") if k.expires_at else "-"])
-    _table(rows, ["ID", "NAME", "ADMIN", "STATE", "MODELS", "RPM", "CREATED", "EXPIRES"])
+    store = _store()
+    found = _all_pages(lambda **kw: control.keys.list_(store, CLI, **kw), user_id=user_id,
+                       company_id=company_id, state=state)
+    rows = [[k.record.public_id, k.record.name, str(k.record.user_id), str(k.company_id),
+             k.state, ",".join(k.models) if k.models is not None else "*",
+             str(k.record.rate_limit_rpm or "-"), _when(k.record.created_at),
+             _when(k.record.expires_at), _when(k.record.last_used_at)] for k in found]
+    _table(rows, ["ID", "NAME", "USER", "COMPANY", "STATE", "MODELS", "RPM", "CREATED",
+                  "EXPIRES", "LAST USED"])
 
 
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke the key with this id (the 12 characters after `pg-`)."""
-    record = _store().revoke_key(key_id)
-    click.echo(f"revoked {record.public_id} ({record.name})")
+    done = control.keys.revoke(_store(), CLI, key_id)
+    click.echo(f"revoked {done.record.public_id} ({done.record.name})")
+
+
+@keys.command("rotate")
+@click.argument("key_id")
+def keys_rotate(key_id: str) -> None:
+    """Give a key a new secret (same id), printed alone on the last line; the old one
+    keeps working for PARAGATE_KEY_ROTATION_GRACE seconds."""
+    done = control.keys.rotate(_store(), CLI, key_id,
+                               grace_seconds=_settings().key_rotation_grace)
+    click.echo(f"rotated {done.record.public_id} ({done.record.name}); the old secret "
+               f"works until {_when(done.record.previous_expires_at)}; the new one:")
+    click.echo(done.secret)
 
 
 # -- models --------------------------------------------------------------------------
@@ -193,6 +367,8 @@ def _model_options(f: F) -> F:
         click.option("--upstream-api-key", envvar="PARAGATE_UPSTREAM_API_KEY",
                      help="Key vLLM expects (--api-key); never shown by any command or API. "
                      "Also read from PARAGATE_UPSTREAM_API_KEY."),
+        click.option("--type", "type_", type=click.Choice(control.models.TYPES),
+                     help="What the model does [default on add: llm]."),
         click.option("--max-logprobs", type=click.IntRange(0, 20),
                      help="Largest `logprobs` allowed [default: PARAGATE_DEFAULT_MAX_LOGPROBS]."),
         click.option("--default-max-tokens", type=click.IntRange(min=1),
@@ -220,11 +396,11 @@ def models() -> None:
 @click.argument("name")
 @click.option("--upstream", required=True, help="vLLM base URL, e.g. http://host:8000/v1.")
 @_model_options
+@click.option("--companies", "companies_", help="Comma-separated ids of the companies it "
+              "is enabled for [default: every company].")
 @click.option("--disabled", is_flag=True, help="Add it disabled.")
-def models_add(name: str, upstream: str, upstream_model: str | None,
-               display_name: str | None, upstream_api_key: str | None,
-               max_logprobs: int | None, default_max_tokens: int | None,
-               max_tokens_limit: int | None, disabled: bool) -> None:
+def models_add(name: str, upstream: str, companies_: str | None, disabled: bool,
+               type_: str | None, **options: Any) -> None:
     """Register a model served by vLLM at --upstream.
 
     \b
@@ -232,25 +408,26 @@ def models_add(name: str, upstream: str, upstream_model: str | None,
       paragate models add alfred-4.2 --upstream http://gpu-1:8000/v1 \\
           --upstream-model /models/alfred-4.2-awq --max-tokens-limit 4096
     """
-    _check_url(upstream)
-    _check_api_key(upstream_api_key)
-    record = _store().add_model(ModelRecord(
-        name=name, upstream_url=upstream, upstream_model=upstream_model or name,
-        display_name=display_name or name, upstream_api_key=upstream_api_key,
-        enabled=not disabled, max_logprobs=max_logprobs,
-        default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit))
+    fields = {k: v for k, v in options.items() if v is not None}
+    record = control.models.create(
+        _store(), CLI, name, upstream_url=upstream, enabled=not disabled,
+        company_ids=_ids(companies_, "--companies"), type=type_ or "llm", **fields)
     click.echo(f"added {record.name} -> {record.upstream_url} ({record.upstream_model})")
 
 
 @models.command("update")
 @click.argument("name")
 @click.option("--upstream", help="New vLLM base URL.")
-@click.option("--rename", help="New technical name.")
+@click.option("--rename", help="New technical name (keys and usage history follow).")
 @_model_options
+@click.option("--companies", "companies_", help="Enable it only for these companies "
+              "(comma-separated ids).")
+@click.option("--all-companies", is_flag=True, help="Enable it for every company.")
 @click.option("--enable/--disable", default=None, help="Enable or disable the model.")
 @click.option("--unset", "unset", multiple=True, type=click.Choice(sorted(_UNSETTABLE)),
               help="Remove a limit or the upstream key (back to the default); repeatable.")
 def models_update(name: str, upstream: str | None, rename: str | None,
+                  companies_: str | None, all_companies: bool, type_: str | None,
                   unset: tuple[str, ...], **options: Any) -> None:
     """Change a model; only the options given change."""
     changes = {k: v for k, v in options.items() if v is not None}
@@ -259,36 +436,44 @@ def models_update(name: str, upstream: str | None, rename: str | None,
         if field in changes:
             _fail(f"--unset {option} and --{option} contradict each other")
         changes[field] = None
-    _check_api_key(changes.get("upstream_api_key"))
     if "enable" in changes:
         changes["enabled"] = changes.pop("enable")
+    if companies_ is not None and all_companies:
+        _fail("--companies and --all-companies contradict each other")
+    if companies_ is not None:
+        changes["company_ids"] = _ids(companies_, "--companies")
+    if all_companies:
+        changes["company_ids"] = None
+    if type_ is not None:
+        changes["type"] = type_
     if upstream is not None:
-        _check_url(upstream)
         changes["upstream_url"] = upstream
     if rename is not None:
         changes["name"] = rename
     if not changes:
         _fail("nothing to change: give at least one option")
-    record = _store().update_model(name, **changes)
+    record = control.models.update(_store(), CLI, name, **changes)
     click.echo(f"updated {record.name}")
 
 
 @models.command("remove")
 @click.argument("name")
 def models_remove(name: str) -> None:
-    """Remove a model."""
-    _store().remove_model(name)
+    """Remove a model (its usage history keeps its name)."""
+    control.models.delete(_store(), CLI, name)
     click.echo(f"removed {name}")
 
 
 @models.command("list")
 def models_list() -> None:
     """List models (never their upstream keys)."""
-    rows = [[m.name, m.display_name or "-", m.upstream_url, m.upstream_model,
-             "yes" if m.enabled else "no", "yes" if m.upstream_api_key else "no",
-             _limits(m)] for m in _store().list_models()]
-    _table(rows, ["NAME", "DISPLAY NAME", "UPSTREAM", "UPSTREAM MODEL", "ENABLED",
-                  "UPSTREAM KEY", "LIMITS"])
+    rows = [[m.name, m.display_name or "-", m.type, m.upstream_url, m.upstream_model,
+             "yes" if m.enabled else "no",
+             ",".join(map(str, m.company_ids)) if m.company_ids is not None else "*",
+             "yes" if m.upstream_api_key else "no",
+             _limits(m)] for m in control.models.list_(_store(), CLI)]
+    _table(rows, ["NAME", "DISPLAY NAME", "TYPE", "UPSTREAM", "UPSTREAM MODEL", "ENABLED",
+                  "COMPANIES", "UPSTREAM KEY", "LIMITS"])
 
 
 def _limits(m: ModelRecord) -> str:
@@ -298,18 +483,56 @@ def _limits(m: ModelRecord) -> str:
     return " ".join(parts) or "-"
 
 
-def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(
-        c.isspace() for c in url
-    ):
-        _fail(f"--upstream must be an http:// or https:// URL with a host, got {url!r}")
+# -- audit ---------------------------------------------------------------------------
 
 
-def _check_api_key(key: str | None) -> None:
-    # it goes into an HTTP header: a control character or space would break (or forge) it
-    if key is not None and (not key or not all(33 <= ord(c) < 127 for c in key)):
-        _fail("--upstream-api-key must be printable ASCII without spaces")
+def _since(value: str) -> datetime:
+    """An ISO date or time (UTC unless it says), or a span back from now: 30m, 12h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since takes an ISO date or time or a span like 30m, 12h, 7d; got {value!r}")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@cli.group()
+def audit() -> None:
+    """Read the audit log of every change made through the API or the CLI."""
+
+
+@audit.command("list")
+@click.option("--since", help="From this time: an ISO date or time, or 30m, 12h, 7d back.")
+@click.option("--actor", help="A user id, a key's public id, or cli.")
+@click.option("--action", help="An action (api_key.revoke) or a prefix (api_key.).")
+@click.option("--target", help="A target id, or type:id (company:3).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_list(since: str | None, actor: str | None, action: str | None,
+               target: str | None, as_json: bool) -> None:
+    """List audit entries, oldest first."""
+    import json
+
+    store = _store()
+    found = _all_pages(lambda **kw: control.audit.list_(store, CLI, **kw),
+                       since=_since(since) if since else None, actor_filter=actor,
+                       action=action, target=target)
+    if as_json:
+        for a in found:
+            click.echo(json.dumps({"id": a.id, "created_at": a.created_at.isoformat(),
+                                   "actor_type": a.actor_type, "actor_user_id":
+                                   a.actor_user_id, "actor_key": a.actor_key,
+                                   "action": a.action, "target_type": a.target_type,
+                                   "target_id": a.target_id, "company_id": a.company_id,
+                                   "changes": a.changes, "request_id": a.request_id,
+                                   "client_addr": a.client_addr}))
+        return
+    rows = [[str(a.id), a.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+             a.actor_type if a.actor_type == "cli" else f"user {a.actor_user_id} "
+             f"({a.actor_key})", a.action, f"{a.target_type}:{a.target_id}",
+             ", ".join(f"{k}={v[1]!r}" for k, v in a.changes.items())[:80]] for a in found]
+    _table(rows, ["ID", "TIME", "ACTOR", "ACTION", "TARGET", "CHANGES"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -325,8 +548,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except StoreError as exc:
-        click.echo(f"Error: {exc}", err=True)
+    except GatewayError as exc:  # the control layer's refusals: one line, like the API's
+        click.echo(f"Error: {exc.message}", err=True)
         sys.exit(1)
     except SQLAlchemyError as exc:
         orig = getattr(exc, "orig", None)

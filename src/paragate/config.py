@@ -14,6 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,44 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "refresh_interval",
-        1.0,
-        "Seconds between checks of the store for changed keys and models: a revoked key "
-        "or a new model takes effect within this time.",
+        0.25,
+        "Seconds between checks of the store's config version. On PostgreSQL a change "
+        "is applied at once (LISTEN/NOTIFY) and this poll is the fallback; on SQLite it is "
+        "the mechanism, so a change takes effect within this time.",
+    ),
+    Setting(
+        "max_view_age",
+        0.0,
+        "When above 0: answer 503 once the store has been unreachable for this many "
+        "seconds, instead of serving from the last view of keys and models (0: no bound).",
     ),
     Setting(
         "usage_flush_interval",
         0.1,
         "Seconds between batched writes of usage records to the store.",
+    ),
+    Setting(
+        "default_key_days",
+        180,
+        "Days until a key made through the admin API expires, unless the request sets "
+        "`expires_at` (0: never). `paragate keys create` keeps its own default, never.",
+    ),
+    Setting(
+        "max_keys_per_user",
+        5,
+        "Most active (not revoked, not expired) keys a user may hold; the built-in system "
+        "admin and default user are exempt.",
+    ),
+    Setting(
+        "key_rotation_grace",
+        86400,
+        "Seconds a key's old secret keeps working after the key is rotated (0: none).",
+    ),
+    Setting(
+        "trusted_proxies",
+        "",
+        "Comma-separated networks (e.g. 10.0.0.0/8,127.0.0.1) of load balancers whose "
+        "X-Forwarded-For names the client's address; from other peers it is ignored.",
     ),
 )
 
@@ -116,8 +147,17 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
     upstream_max_connections: int = 0
-    refresh_interval: float = 1.0
+    refresh_interval: float = 0.25
+    max_view_age: float = 0.0
     usage_flush_interval: float = 0.1
+    default_key_days: int = 180
+    max_keys_per_user: int = 5
+    key_rotation_grace: int = 86400
+    trusted_proxies: str = ""
+
+    def proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return tuple(ip_network(n.strip(), strict=False)
+                     for n in self.trusted_proxies.split(",") if n.strip())
 
     def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -155,7 +195,8 @@ def _coerce(name: str, raw: Any) -> Any:
 def _check(settings: Settings) -> Settings:
     if settings.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
-    for name in ("port", "workers", "max_body_bytes", "upstream_max_connections"):
+    for name in ("port", "workers", "max_body_bytes", "upstream_max_connections",
+                 "max_view_age", "default_key_days", "key_rotation_grace"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
     if settings.workers < 1:
@@ -164,6 +205,14 @@ def _check(settings: Settings) -> Settings:
                  "usage_flush_interval"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
+    if 0 < settings.max_view_age <= settings.refresh_interval:
+        raise ConfigError("max_view_age: must be 0 or longer than refresh_interval")
+    if settings.max_keys_per_user < 1:
+        raise ConfigError("max_keys_per_user: must be at least 1")
+    try:
+        settings.proxy_networks()
+    except ValueError as exc:
+        raise ConfigError(f"trusted_proxies: {exc}") from None
     if not 0 <= settings.default_max_logprobs <= 20:
         raise ConfigError("default_max_logprobs: must be between 0 and 20")
     return settings

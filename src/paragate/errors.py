@@ -18,7 +18,9 @@ Hierarchy::
     ├── NotFound                      404 invalid_request_error / not_found
     │   └── ModelNotFound             404 invalid_request_error / model_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── Conflict                      409 invalid_request_error / conflict
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded
+    ├── ViewTooOld                    503 server_error / control_plane_unavailable
     ├── UpstreamRejected              4xx (vLLM's status, type and message) / upstream_error
     ├── UpstreamFailed                502 upstream_error / upstream_error
     ├── UpstreamUnavailable           503 upstream_error / upstream_unavailable
@@ -33,6 +35,7 @@ import msgspec
 
 __all__ = [
     "AuthenticationFailed",
+    "Conflict",
     "GatewayError",
     "InvalidRequest",
     "MethodNotAllowed",
@@ -46,6 +49,7 @@ __all__ = [
     "UpstreamRejected",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "ViewTooOld",
 ]
 
 
@@ -143,6 +147,23 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class Conflict(GatewayError):
+    """The change contradicts what exists: a duplicate email, a sixth active key."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class ViewTooOld(GatewayError):
+    """The store has been unreachable for longer than ``PARAGATE_MAX_VIEW_AGE``: the
+    gateway no longer trusts its view of keys and models."""
+
+    status = 503
+    type = "server_error"
+    default_code = "control_plane_unavailable"
 
 
 class RateLimited(GatewayError):

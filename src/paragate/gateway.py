@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from .background import StoreThread
 from .config import Settings
 from .limits import RateLimiter
+from .refresher import Refresher
 from .registry import Registry
 from .store import Store
 from .upstream import Upstreams
-from .usage import UsageRecorder
+from .usage import KeyTouches, UsageRecorder
 
 __all__ = ["Gateway"]
 
@@ -30,42 +31,51 @@ class Gateway:
     settings: Settings
     store: Store
     registry: Registry
+    refresher: Refresher
     upstreams: Upstreams
     recorder: UsageRecorder
-    thread: StoreThread
+    touches: KeyTouches
+    # One thread per kind of store work, so that none waits behind another.
+    refresh_thread: StoreThread
+    usage_thread: StoreThread
+    admin_thread: StoreThread
     limiter: RateLimiter = field(default_factory=RateLimiter)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings, store: Store | None = None) -> Gateway:
         store = store or Store(settings.database_url)
-        thread = StoreThread()
+        refresh_thread = StoreThread("paragate-refresh")
+        usage_thread = StoreThread("paragate-usage")
+        registry = Registry(default_max_logprobs=settings.default_max_logprobs,
+                            max_view_age=settings.max_view_age)
         return cls(
             settings=settings,
             store=store,
-            thread=thread,
-            registry=Registry(
-                store,
-                thread,
-                default_max_logprobs=settings.default_max_logprobs,
-                refresh_interval=settings.refresh_interval,
-            ),
+            registry=registry,
+            refresher=Refresher(registry, store, refresh_thread,
+                                interval=settings.refresh_interval),
             upstreams=Upstreams(
                 connect_timeout=settings.upstream_connect_timeout,
                 read_timeout=settings.upstream_read_timeout,
                 max_connections=settings.upstream_max_connections,
             ),
             recorder=UsageRecorder(
-                store, thread, flush_interval=settings.usage_flush_interval
+                store, usage_thread, flush_interval=settings.usage_flush_interval
             ),
+            touches=KeyTouches(store, usage_thread, registry.take_used),
+            refresh_thread=refresh_thread,
+            usage_thread=usage_thread,
+            admin_thread=StoreThread("paragate-admin"),
         )
 
     async def start(self) -> None:
-        await self.thread.run(self.store.migrate)
-        await self.registry.refresh()
+        await self.refresh_thread.run(self.store.migrate)
+        await self.refresher.load()
         self._tasks = [
-            asyncio.create_task(self.registry.run(), name="paragate-refresh"),
+            asyncio.create_task(self.refresher.run(), name="paragate-refresh"),
             asyncio.create_task(self.recorder.run(), name="paragate-usage"),
+            asyncio.create_task(self.touches.run(), name="paragate-last-used"),
         ]
         # The background writers (usage, refresh) run Python in threads; a short switch
         # interval bounds how long they can keep the event loop from the GIL, which is
@@ -75,19 +85,25 @@ class Gateway:
         # from walking it again and again (shorter pauses under load).
         gc.collect()
         gc.freeze()
-        log.info("paragate ready: %d keys, %d enabled models",
-                 len(self.registry.keys), len(self.registry.routes))
+        log.info("paragate ready: config version %d, %d companies, %d users, %d keys, "
+                 "%d enabled models", self.registry.version, len(self.registry.companies),
+                 len(self.registry.users), len(self.registry.keys),
+                 len(self.registry.routes))
 
     async def stop(self) -> None:
-        refresh, usage = self._tasks or (None, None)
-        if refresh is not None:
-            refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresh
-        if usage is not None:
-            self.recorder.stop()  # it writes what is pending, then returns
-            await usage
+        if not self._tasks:
+            return
+        refresh, usage, touches = self._tasks
+        self.refresher.stop()
+        refresh.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresh
+        self.recorder.stop()  # it writes what is pending, then returns
+        self.touches.stop()
+        await usage
+        await touches
         await self.upstreams.close()
-        await self.thread.run(self.store.close)
-        self.thread.close()  # closes pooled connections; the engine stays usable
+        await self.usage_thread.run(self.store.close)
+        for thread in (self.refresh_thread, self.usage_thread, self.admin_thread):
+            thread.close()  # closes pooled connections; the engine stays usable
         self._tasks = []

@@ -1,11 +1,15 @@
-"""The OpenAPI document, built from ``protocol.FIELDS`` so it describes what the code
-accepts. The response schemas are the seed's (Paradigm API v2)."""
+"""The OpenAPI document, built from ``protocol.FIELDS`` (the completions request) and
+``schemas`` (the control plane's bodies and answers), so it describes what the code
+accepts and answers. The completion response schemas are the seed's (Paradigm API v2)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from . import __version__
+from . import schemas as s
 from .protocol import FIELDS, MAX_STOP, Field
 
 __all__ = ["document"]
@@ -67,6 +71,174 @@ _ERRORS = {
 }
 
 
+def _oas30(node: Any) -> Any:
+    """msgspec's JSON Schema (2020-12) in OpenAPI 3.0's dialect: ``nullable`` instead of
+    a null type, typed enums, no empty ``required``."""
+    if isinstance(node, list):
+        return [_oas30(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _oas30(v) for k, v in node.items()}
+    alternatives = node.get("anyOf")
+    if isinstance(alternatives, list) and {"type": "null"} in alternatives:
+        rest = [a for a in alternatives if a != {"type": "null"}]
+        del node["anyOf"]
+        if len(rest) == 1 and "$ref" in rest[0]:
+            node["allOf"] = rest
+        elif len(rest) == 1:
+            node.update(rest[0])
+        else:
+            node["anyOf"] = rest
+        node["nullable"] = True
+    enum = node.get("enum")
+    if isinstance(enum, list) and "type" not in node and all(isinstance(v, str) for v in enum):
+        node["type"] = "string"
+    if node.get("required") == []:
+        del node["required"]
+    node.pop("title", None)
+    return node
+
+
+_ADMIN_ERRORS = {
+    "400": _error_response("Invalid body or query (the envelope names the field in "
+                           "`param`)."),
+    "401": _ERRORS["401"],
+    "403": _error_response("The caller's role may never do this (`permission_denied`)."),
+    "404": _error_response("No such object, or one outside the caller's scope."),
+    "409": _error_response("A conflict: a duplicate name or email, a sixth active key, a "
+                           "built-in object (`conflict`)."),
+}
+_PAGE = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                "maximum": 100, "default": 20}},
+    {"name": "after", "in": "query", "description": "The id of the last object of the "
+     "previous page.", "schema": {"type": "string"}},
+]
+
+
+def _q(name: str, kind: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "description": description,
+            "schema": {"type": kind}}
+
+
+def _path(name: str, kind: str = "integer") -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": kind}}
+
+
+def _op(op_id: str, summary: str, answer: type, *, tag: str, status: str = "200",
+        body: type | None = None, params: list[dict[str, Any]] | None = None,
+        errors: tuple[str, ...] = ("400", "401", "403", "404", "409")) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "tags": [tag], "summary": summary, "operationId": op_id,
+        "security": [{"bearerAuth": []}],
+        "responses": {status: {"description": summary, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{answer.__name__}"}}}},
+            **{e: _ADMIN_ERRORS[e] for e in errors}},
+    }
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+    return op
+
+
+_HEALTH = {"type": "object", "required": ["status", "config"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "stale"]},
+    "config": {"type": "object", "properties": {
+        "version": {"type": "integer"}, "age_seconds": {"type": "number"},
+        "store": {"type": "string", "enum": ["ok", "unreachable"]},
+        "max_view_age": {"type": "number", "nullable": True}}}}}
+_ALL = {"name": "all", "in": "query", "description": "true: every configured model, "
+        "disabled ones included (system admins only).", "schema": {"type": "boolean"}}
+
+
+def _generated() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(
+        [*s.REQUESTS, *s.RESPONSES], ref_template="#/components/schemas/{name}")
+    return {name: _oas30(schema) for name, schema in components.items()}
+
+
+def _admin_paths() -> dict[str, Any]:
+    key_id = _path("id", "string")
+    return {
+        "/api/v2/me": {"get": _op("api_v2_me", "The caller's key, user, company and role",
+                                  s.Me, tag="Users", errors=("401",))},
+        "/api/v2/companies": {
+            "get": _op("api_v2_companies_list", "List companies (company admins: their "
+                       "own)", s.CompanyList, tag="Companies", params=_PAGE,
+                       errors=("400", "401", "403")),
+            "post": _op("api_v2_companies_create", "Create a company (system admins)",
+                        s.Company, tag="Companies", status="201", body=s.CompanyCreate),
+        },
+        "/api/v2/companies/{id}": {
+            "parameters": [_path("id")],
+            "get": _op("api_v2_companies_retrieve", "A company", s.Company,
+                       tag="Companies", errors=("401", "403", "404")),
+            "patch": _op("api_v2_companies_update", "Rename a company", s.Company,
+                         tag="Companies", body=s.CompanyUpdate),
+            "delete": _op("api_v2_companies_delete", "Delete a company: its users are "
+                          "deleted and their keys revoked", s.Deleted, tag="Companies",
+                          errors=("401", "403", "404", "409")),
+        },
+        "/api/v2/users": {
+            "get": _op("api_v2_users_list", "List users (company admins: their company's)",
+                       s.UserList, tag="Users", params=[*_PAGE, _q(
+                           "company_id", "integer", "Only this company's users.")],
+                       errors=("400", "401", "403")),
+            "post": _op("api_v2_users_create", "Create a user", s.User, tag="Users",
+                        status="201", body=s.UserCreate),
+        },
+        "/api/v2/users/{id}": {
+            "parameters": [_path("id")],
+            "get": _op("api_v2_users_retrieve", "A user", s.User, tag="Users",
+                       errors=("401", "403", "404")),
+            "patch": _op("api_v2_users_update", "Change a user", s.User, tag="Users",
+                         body=s.UserUpdate),
+            "delete": _op("api_v2_users_delete", "Delete a user and revoke their keys",
+                          s.Deleted, tag="Users", errors=("401", "403", "404", "409")),
+        },
+        "/api/v2/api-keys": {
+            "get": _op("api_v2_api_keys_list", "List keys (users: their own; company "
+                       "admins: their company's)", s.ApiKeyList, tag="API Keys", params=[
+                           *_PAGE, _q("user_id", "integer", "Only this user's keys."),
+                           _q("company_id", "integer", "Only this company's keys."),
+                           {"name": "state", "in": "query", "schema": {
+                               "type": "string", "enum": ["active", "expired", "revoked"]}}],
+                       errors=("400", "401")),
+            "post": _op("api_v2_api_keys_create", "Create a key; the answer holds its "
+                        "secret (`key`), once", s.ApiKey, tag="API Keys", status="201",
+                        body=s.ApiKeyCreate),
+        },
+        "/api/v2/api-keys/{id}": {
+            "parameters": [key_id],
+            "get": _op("api_v2_api_keys_retrieve", "A key (never its secret)", s.ApiKey,
+                       tag="API Keys", errors=("401", "404")),
+            "patch": _op("api_v2_api_keys_update", "Change a key", s.ApiKey,
+                         tag="API Keys", body=s.ApiKeyUpdate),
+            "delete": _op("api_v2_api_keys_revoke", "Revoke a key, for good", s.ApiKey,
+                          tag="API Keys", errors=("401", "404")),
+        },
+        "/api/v2/api-keys/{id}/rotate": {
+            "parameters": [key_id],
+            "post": _op("api_v2_api_keys_rotate", "A new secret for the same key; the old "
+                        "one works for PARAGATE_KEY_ROTATION_GRACE seconds", s.ApiKey,
+                        tag="API Keys", errors=("401", "403", "404", "409")),
+        },
+        "/api/v2/audit-log": {
+            "get": _op("api_v2_audit_log_list", "Every change made through the API or the "
+                       "CLI, oldest first", s.AuditEntryList, tag="Audit", params=[
+                           *_PAGE,
+                           _q("actor", "string", "A user id, a key's public id, or cli."),
+                           _q("action", "string", "An action, or a prefix ending in '.'."),
+                           _q("target", "string", "A target id, or type:id."),
+                           _q("since", "integer", "From this Unix time."),
+                           _q("until", "integer", "Before this Unix time.")],
+                       errors=("400", "401", "403")),
+        },
+    }
+
+
 def document() -> dict[str, Any]:
     request_schema = {
         "type": "object",
@@ -105,30 +277,39 @@ def document() -> dict[str, Any]:
                     **_ERRORS,
                 },
             }},
-            "/api/v2/models": {"get": {
-                "tags": ["Models"], "summary": "List the models this key may use",
-                "operationId": "api_v2_models_list", "security": [{"bearerAuth": []}],
-                "responses": {"200": {"description": "OpenAI list of models", "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}},
-                    "401": _ERRORS["401"]},
-            }},
-            "/api/v2/models/{model}": {"get": {
-                "tags": ["Models"], "summary": "Describe one model",
-                "operationId": "api_v2_models_retrieve", "security": [{"bearerAuth": []}],
-                "parameters": [{"name": "model", "in": "path", "required": True,
-                                "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "The model", "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}},
-                    "401": _ERRORS["401"], "404": _ERRORS["404"]},
-            }},
+            "/api/v2/models": {
+                "get": _op("api_v2_models_list", "List the models this key may use (system "
+                           "admins also see their configuration; `all=true`: every "
+                           "configured model)", s.ModelList, tag="Models",
+                           params=[_ALL], errors=("400", "401", "403")),
+                "post": _op("api_v2_models_create", "Configure a model (system admins)",
+                            s.Model, tag="Models", status="201", body=s.ModelCreate),
+            },
+            "/api/v2/models/{model}": {
+                "parameters": [_path("model", "string")],
+                "get": _op("api_v2_models_retrieve", "Describe one model", s.Model,
+                           tag="Models", params=[_ALL], errors=("400", "401", "403", "404")),
+                "patch": _op("api_v2_models_update", "Change a model (system admins)",
+                             s.Model, tag="Models", body=s.ModelUpdate),
+                "delete": _op("api_v2_models_delete", "Delete a model (system admins)",
+                              s.Deleted, tag="Models", errors=("401", "403", "404")),
+            },
+            **_admin_paths(),
             "/health": {"get": {
-                "summary": "Liveness (public)", "operationId": "health",
-                "responses": {"200": {"description": "The gateway is up."}},
+                "summary": "Liveness (public), and how current the view of keys and models "
+                           "is", "operationId": "health",
+                "responses": {
+                    "200": {"description": "The gateway is up.", "content": {
+                        "application/json": {"schema": _HEALTH}}},
+                    "503": {"description": "The store has been unreachable for longer "
+                            "than PARAGATE_MAX_VIEW_AGE: requests are refused.", "content": {
+                                "application/json": {"schema": _HEALTH}}}},
             }},
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
             "schemas": {
+                **_generated(),
                 "CompletionsRequest": request_schema,
                 "CompletionsResponse": {
                     "type": "object",
@@ -162,23 +343,6 @@ def document() -> dict[str, Any]:
                         "total_tokens": {"type": "integer"},
                     },
                     "required": ["completion_tokens", "prompt_tokens", "total_tokens"],
-                },
-                "Model": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string"}, "object": {"type": "string"},
-                        "created": {"type": "integer"}, "owned_by": {"type": "string"},
-                        "display_name": {"type": "string"}, "type": {"type": "string"},
-                    },
-                    "required": ["id", "object", "created", "owned_by"],
-                },
-                "ModelList": {
-                    "type": "object",
-                    "properties": {
-                        "object": {"type": "string"},
-                        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
-                    },
-                    "required": ["object", "data"],
                 },
                 "Error": {
                     "type": "object",

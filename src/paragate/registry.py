@@ -1,39 +1,41 @@
-"""The in-memory view of keys and models that the request path reads.
+"""The in-memory view of the control plane that the request path reads.
 
-The request path never queries the database: it reads two dicts. A background task
-polls the store's config version every ``refresh_interval`` seconds (one tiny query, in
-a thread) and swaps in a fresh snapshot when it changed, so a key revoked or a model
-added with the CLI takes effect within that interval on every gateway process.
+The request path never queries the database: it reads dicts. Companies, users and keys
+(revoked and expired ones too, so that the 401 can say why) and the live models are
+held here, and changed row by row as the store's changes arrive (``refresher.py``). A key
+already checked against the current view is recognised by its header in one dict lookup;
+that cache is emptied whenever a change is applied, so a revocation, a deleted user or a
+changed permission holds from the next request on.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .auth import EXPIRED, Principal, authenticate
-from .background import StoreThread
-from .errors import AuthenticationFailed, ModelNotFound
-from .store import KeyRecord, ModelRecord, Snapshot, Store
+from .auth import REVOKED, Principal, check_key
+from .errors import AuthenticationFailed, ModelNotFound, ViewTooOld
+from .store import Changes, CompanyRecord, KeyRecord, ModelRecord, UserRecord
 
-__all__ = ["Registry", "Route"]
-
-log = logging.getLogger("paragate.registry")
+__all__ = ["Registry", "Route", "View"]
 
 _MAX_CHECKED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where a model's requests go, and the limits that apply to them."""
+    """A live model: where its requests go, who may use it, the limits that apply."""
 
+    id: int
     name: str
     upstream_url: str  # vLLM base, e.g. http://host:8000/v1
     upstream_model: str
-    upstream_api_key: str | None
+    upstream_api_key: str | None  # never rendered anywhere
+    enabled: bool
+    company_ids: frozenset[int] | None  # None: every company
     max_logprobs: int
+    max_logprobs_set: int | None  # as configured (None: the default applies)
     default_max_tokens: int | None
     max_tokens_limit: int | None
     display_name: str
@@ -44,40 +46,102 @@ class Route:
     def completions_url(self) -> str:
         return self.upstream_url.rstrip("/") + "/completions"
 
+    def open_to(self, company_id: int) -> bool:
+        return self.company_ids is None or company_id in self.company_ids
+
+
+@dataclass(slots=True)
+class View:
+    """The dicts of one version of the control plane."""
+
+    version: int
+    companies: dict[int, CompanyRecord]
+    users: dict[int, UserRecord]
+    keys: dict[str, KeyRecord]
+    catalog: dict[int, Route]  # live models by id, enabled or not
+
 
 class Registry:
-    """Keys by public id and enabled models by name, from the newest snapshot."""
+    """The current view, and the questions the request path asks of it."""
 
-    def __init__(self, store: Store, thread: StoreThread, *, default_max_logprobs: int,
-                 refresh_interval: float) -> None:
-        self._store = store
-        self._thread = thread
+    def __init__(self, *, default_max_logprobs: int, max_view_age: float = 0.0) -> None:
         self._default_max_logprobs = default_max_logprobs
-        self._interval = refresh_interval
-        self.version = -1
+        self._max_age = max_view_age
+        self.version = 0
+        self.companies: dict[int, CompanyRecord] = {}
+        self.users: dict[int, UserRecord] = {}
         self.keys: dict[str, KeyRecord] = {}
-        self.routes: dict[str, Route] = {}
-        # Authorization header -> principal, for keys already checked against this
-        # snapshot: a known key costs one dict lookup instead of a hash. Emptied with
-        # every new snapshot, so a revoked key is refused as soon as the change loads.
+        self.catalog: dict[int, Route] = {}
+        self.routes: dict[str, Route] = {}  # enabled live models by name
+        # Authorization header -> principal, for keys already checked against this view.
         self._checked: dict[bytes, Principal] = {}
+        self.used: set[int] = set()  # ids of keys used since the last write of last_used_at
+        self.fresh_at = time.monotonic()  # when the store last answered the refresher
 
-    def load(self, snapshot: Snapshot) -> None:
+    # -- applying changes -------------------------------------------------------------------
+
+    def build(self, changes: Changes) -> View:
+        """A whole new view from every row (``Store.changes(0)``); runs in a thread."""
+        view = View(changes.version, {}, {}, {}, {})
+        self._apply_rows(view, changes)
+        return view
+
+    def install(self, view: View) -> None:
+        """Swap in a whole view at once."""
+        self.companies, self.users, self.keys = view.companies, view.users, view.keys
+        self.catalog = view.catalog
+        self.routes = {r.name: r for r in view.catalog.values() if r.enabled}
         self._checked = {}
-        self.keys = {k.public_id: k for k in snapshot.keys}
-        self.routes = {m.name: self._route(m) for m in snapshot.models if m.enabled}
-        self.version = snapshot.version
+        self.version = view.version
+
+    def apply(self, changes: Changes) -> None:
+        """Apply some changed rows in place (a slice of them: see ``slices``)."""
+        view = View(self.version, self.companies, self.users, self.keys, self.catalog)
+        renamed = self._apply_rows(view, changes)
+        for model_id in renamed:
+            old = next((n for n, r in self.routes.items() if r.id == model_id), None)
+            if old is not None:
+                del self.routes[old]
+            route = self.catalog.get(model_id)
+            if route is not None and route.enabled:
+                self.routes[route.name] = route
+        self._checked = {}
+        self.version = max(self.version, changes.version)
+
+    def _apply_rows(self, view: View, changes: Changes) -> list[int]:
+        for c in changes.companies:
+            if c.deleted_at is None:
+                view.companies[c.id] = c
+            else:
+                view.companies.pop(c.id, None)
+        for u in changes.users:
+            if u.deleted_at is None:
+                view.users[u.id] = u
+            else:
+                view.users.pop(u.id, None)
+        for k in changes.keys:
+            view.keys[k.public_id] = k
+        for m in changes.models:
+            if m.deleted_at is None:
+                view.catalog[m.id] = self._route(m)
+            else:
+                view.catalog.pop(m.id, None)
+        return [m.id for m in changes.models]
 
     def _route(self, m: ModelRecord) -> Route:
         created = m.created_at.timestamp() if m.created_at else 0
         return Route(
+            id=m.id,
             name=m.name,
             upstream_url=m.upstream_url,
             upstream_model=m.upstream_model,
             upstream_api_key=m.upstream_api_key,
+            enabled=m.enabled,
+            company_ids=frozenset(m.company_ids) if m.company_ids is not None else None,
             max_logprobs=m.max_logprobs
             if m.max_logprobs is not None
             else self._default_max_logprobs,
+            max_logprobs_set=m.max_logprobs,
             default_max_tokens=m.default_max_tokens,
             max_tokens_limit=m.max_tokens_limit,
             display_name=m.display_name or m.name,
@@ -85,46 +149,89 @@ class Registry:
             created=int(created),
         )
 
+    # -- the request path -------------------------------------------------------------------
+
     def authenticate(self, authorization: bytes | None) -> Principal:
-        """The principal of a valid ``Authorization`` header, else 401."""
+        """The principal of a valid ``Authorization`` header, else 401 (or 503 when the
+        view is older than ``PARAGATE_MAX_VIEW_AGE``)."""
+        if self._max_age and time.monotonic() - self.fresh_at > self._max_age:
+            raise ViewTooOld(
+                "The gateway has lost its connection to the store for longer than "
+                f"{self._max_age:g} s and no longer trusts its view of keys and models.")
         if authorization is not None:
             who = self._checked.get(authorization)
-            if who is not None:
-                if who.expires_at is not None and time.time() >= who.expires_at:
-                    raise AuthenticationFailed(EXPIRED)
+            if who is not None and (who.expires_at is None or time.time() < who.expires_at):
+                self.used.add(who.key_id)
                 return who
-        who = authenticate(authorization, self.keys)
+        record, until = check_key(authorization, self.keys)
+        user = self.users.get(record.user_id)
+        company = self.companies.get(user.company_id) if user is not None else None
+        if user is None or company is None:  # deleted: its keys are revoked too
+            raise AuthenticationFailed(REVOKED)
+        who = Principal(
+            key_id=record.id,
+            public_id=record.public_id,
+            name=record.name,
+            user_id=user.id,
+            company_id=company.id,
+            role=user.role,
+            key_manager=user.key_manager,
+            model_ids=frozenset(record.model_ids) if record.model_ids is not None else None,
+            rate_limit_rpm=record.rate_limit_rpm,
+            expires_at=until,
+            usage_opt_in=record.usage_opt_in,
+        )
         if len(self._checked) >= _MAX_CHECKED:
             self._checked = {}
         self._checked[authorization or b""] = who
+        self.used.add(who.key_id)
         return who
 
-    def resolve(self, principal: Principal, model: str) -> Route:
-        """The route of a model this principal may use, else 404 ``model_not_found``."""
+    def resolve(self, who: Principal, model: str) -> Route:
+        """The route of a model this principal may use, else 404 ``model_not_found``:
+        unknown, disabled, not enabled for the company and not among the key's models
+        all look the same."""
         route = self.routes.get(model)
-        if route is None or not principal.may_use(model):
+        if route is None or not (route.company_ids is None or who.company_id in
+                                 route.company_ids) or not (
+                who.model_ids is None or route.id in who.model_ids):
             raise ModelNotFound(model)
         return route
 
-    def visible_to(self, principal: Principal) -> list[Route]:
-        return [r for name, r in sorted(self.routes.items()) if principal.may_use(name)]
+    def usable(self, who: Principal) -> list[Route]:
+        """The models this principal may use, by name."""
+        return [r for _, r in sorted(self.routes.items()) if r.open_to(who.company_id) and (
+            who.model_ids is None or r.id in who.model_ids)]
 
-    async def refresh(self) -> bool:
-        """Reload if the store's version moved; True when a new snapshot was loaded."""
-        version = await self._thread.run(self._store.version)
-        if version == self.version:
-            return False
-        self.load(await self._thread.run(self._store.snapshot))
-        log.info("loaded config version %d: %d keys, %d enabled models",
-                 self.version, len(self.keys), len(self.routes))
-        return True
+    def model_names(self, ids: frozenset[int] | tuple[int, ...] | None) -> list[str] | None:
+        if ids is None:
+            return None
+        return sorted(self.catalog[i].name for i in ids if i in self.catalog)
 
-    async def run(self) -> None:
-        """Poll forever; a failing store is logged and retried, the last view kept."""
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.refresh()
-            except Exception:  # the store may be briefly down; keep serving
-                log.exception("refreshing keys and models failed; keeping version %d",
-                              self.version)
+    def age(self) -> float:
+        """Seconds since the store last answered."""
+        return time.monotonic() - self.fresh_at
+
+    def take_used(self) -> set[int]:
+        used, self.used = self.used, set()
+        return used
+
+
+def slices(changes: Changes, size: int = 2000) -> Iterator[Changes]:
+    """``changes`` cut into pieces of at most ``size`` rows, in order, so that applying a
+    large change (a company of 50,000 keys deleted) never holds the event loop for long.
+    Only the last piece carries the new version."""
+    groups = [("companies", changes.companies), ("users", changes.users),
+              ("keys", changes.keys), ("models", changes.models)]
+    pieces: list[Changes] = []
+    for name, rows in groups:
+        for start in range(0, len(rows), size):
+            pieces.append(Changes(since=changes.since, version=changes.since,
+                                  **{name: rows[start:start + size]}))  # type: ignore[arg-type]
+    if not pieces:
+        yield changes
+        return
+    *head, last = pieces
+    yield from head
+    yield Changes(since=changes.since, version=changes.version, companies=last.companies,
+                  users=last.users, keys=last.keys, models=last.models)

@@ -1,47 +1,32 @@
-"""Handlers: each is parse -> service -> render. The route table is in ``app``."""
+"""The data plane's handlers and route table: completions, the model list, health and
+the OpenAPI document. Each handler is parse -> service -> render."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 
-from .asgi import Receive, Scope, Send, header, read_body, send_json
+from . import views
+from .access import ADMIN, PERMISSIONS, require
+from .asgi import Receive, header, read_body, request_id, send_json
 from .auth import Principal
-from .errors import GatewayError, ModelNotFound
+from .errors import GatewayError, InvalidRequest, ModelNotFound
 from .gateway import Gateway
 from .openapi import document
 from .protocol import parse_request
 from .proxy import Exchange, Target, relay_json, relay_stream
 from .registry import Route
+from .routing import Endpoint, Request, Table
+from .schemas import ModelList
 from .store import UsageRecord
 
-__all__ = ["Request", "completions", "get_model", "health", "list_models", "openapi"]
+__all__ = ["ROUTES", "completions", "get_model", "health", "list_models", "openapi"]
 
-
-@dataclass(slots=True)
-class Request:
-    scope: Scope
-    receive: Receive
-    send: Send
-    principal: Principal | None  # None only on public routes
-    path_param: str = ""
-
-    @property
-    def caller(self) -> Principal:
-        assert self.principal is not None, "an authenticated route"
-        return self.principal
-
-
-# Request ids: random per process, then a counter (cheaper than random per request).
-_ID_PREFIX = os.urandom(8).hex() + "-"
-_ids = itertools.count(1)
 
 
 class _Hangup:
@@ -115,9 +100,12 @@ def _record(gw: Gateway, who: Principal, route: Route, stream: bool, ex: Exchang
             started: float) -> None:
     usage = ex.usage
     gw.recorder.record(UsageRecord(
-        request_id=f"{_ID_PREFIX}{next(_ids):x}",
+        request_id=request_id(),
         created_at=datetime.now(UTC),
         key_id=who.key_id,
+        user_id=who.user_id,
+        company_id=who.company_id,
+        model_id=route.id,
         model=route.name,
         stream=stream,
         status=ex.status or 500,
@@ -129,32 +117,53 @@ def _record(gw: Gateway, who: Principal, route: Route, stream: bool, ex: Exchang
     ))
 
 
-def _model_object(route: Route) -> dict[str, Any]:
-    return {
-        "id": route.name,
-        "object": "model",
-        "created": route.created,
-        "owned_by": "paragate",
-        "display_name": route.display_name,
-        "type": route.type,
-    }
+def _all_models(gw: Gateway, r: Request) -> bool:
+    """Whether ``?all=true`` asks for every configured model (system admins only)."""
+    query = dict(parse_qsl(r.scope.get("query_string", b"").decode("latin-1")))
+    unknown = set(query) - {"all"}
+    if unknown:
+        raise InvalidRequest(f"Unknown query parameter '{sorted(unknown)[0][:40]}'.",
+                             param=sorted(unknown)[0][:40])
+    value = query.get("all", "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise InvalidRequest("'all' must be true or false.", param="all")
+    if value in ("true", "1"):
+        require(r.caller, PERMISSIONS["models.manage"])
+        return True
+    return False
 
 
 async def list_models(gw: Gateway, r: Request) -> None:
-    data = [_model_object(route) for route in gw.registry.visible_to(r.caller)]
-    await send_json(r.send, 200, msgspec.json.encode({"object": "list", "data": data}))
+    config = r.caller.role == ADMIN
+    routes = (sorted(gw.registry.catalog.values(), key=lambda m: m.name)
+              if _all_models(gw, r) else gw.registry.usable(r.caller))
+    data = [views.model(route, config) for route in routes]
+    await send_json(r.send, 200, msgspec.json.encode(views.listing(ModelList, data)))
 
 
 async def get_model(gw: Gateway, r: Request) -> None:
     name = r.path_param
-    route = gw.registry.routes.get(name)
-    if route is None or not r.caller.may_use(name):
-        raise ModelNotFound(name)
-    await send_json(r.send, 200, msgspec.json.encode(_model_object(route)))
+    if _all_models(gw, r):
+        route = next((m for m in gw.registry.catalog.values() if m.name == name), None)
+        if route is None:
+            raise ModelNotFound(name)
+    else:
+        route = gw.registry.resolve(r.caller, name)
+    await send_json(r.send, 200, msgspec.json.encode(
+        views.model(route, r.caller.role == ADMIN)))
 
 
 async def health(gw: Gateway, r: Request) -> None:
-    await send_json(r.send, 200, b'{"status":"ok"}')
+    """Liveness, and how current the view of keys and models is. 503 only once that
+    view is older than ``PARAGATE_MAX_VIEW_AGE`` (when set): requests are refused then."""
+    age = gw.registry.age()
+    limit = gw.settings.max_view_age
+    stale = bool(limit) and age > limit
+    body = {"status": "stale" if stale else "ok", "config": {
+        "version": gw.registry.version, "age_seconds": round(age, 3),
+        "store": "unreachable" if gw.refresher.failing else "ok",
+        "max_view_age": limit or None}}
+    await send_json(r.send, 503 if stale else 200, msgspec.json.encode(body))
 
 
 _OPENAPI = msgspec.json.encode(document())
@@ -162,3 +171,16 @@ _OPENAPI = msgspec.json.encode(document())
 
 async def openapi(gw: Gateway, r: Request) -> None:
     await send_json(r.send, 200, _OPENAPI)
+
+
+def _e(handler: Any, permission: str | None) -> Endpoint:
+    return Endpoint(handler, PERMISSIONS[permission] if permission else None)
+
+
+ROUTES: Table = {
+    "/api/v2/completions": {"POST": _e(completions, "inference")},
+    "/api/v2/models": {"GET": _e(list_models, "inference")},
+    "/api/v2/models/{model}": {"GET": _e(get_model, "inference")},
+    "/api/v2/openapi.json": {"GET": _e(openapi, None)},
+    "/health": {"GET": _e(health, None)},
+}

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from paragate.auth import new_key
-from paragate.store import ModelRecord, Store
+from paragate import control
+from paragate.control import Actor
+from paragate.control.users import DEFAULT_USER
+from paragate.store import Store
 
 from ..servers import GatewayProcess, start_gateway
 
@@ -57,10 +59,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         store = Store(f"sqlite:///{logs / 'gateway.db'}")
         store.migrate()
-        store.add_model(ModelRecord(name=MODEL, upstream_url=vllm.base_url,
-                                    upstream_model=SERVED_NAME))
-        token, public_id, secret_hash = new_key()
-        store.add_key(public_id=public_id, secret_hash=secret_hash, name="e2e")
+        cli = Actor.cli()
+        control.models.create(store, cli, MODEL, upstream_url=vllm.base_url,
+                              upstream_model=SERVED_NAME)
+        token = control.keys.create(store, cli, name="e2e", builtin=DEFAULT_USER).secret
+        assert token is not None
         store.close()
         gateway = start_gateway(logs, f"sqlite:///{logs / 'gateway.db'}")
         try:

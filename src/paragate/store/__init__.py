@@ -1,15 +1,23 @@
-"""The store: keys, models and usage records in SQLite (embedded default) or PostgreSQL.
+"""The store: the control plane's tables and the usage records, in SQLite (embedded
+default) or PostgreSQL.
 
 Synchronous SQLAlchemy Core on purpose: the CLI uses it directly, and the gateway calls
-it only off the request path (a background refresh and a batch writer, in threads), so
-an async driver would buy nothing. Writes to keys and models bump ``config_state.version``
-in the same transaction; that single integer is what running gateways poll.
+it only off the request path (the refresher, the usage writer and the admin API, each in
+a thread of its own), so an async driver would buy nothing.
+
+Every change to the control plane runs in ``Store.change()``: one transaction that first
+bumps ``config_state.version`` (which also serialises writers: the row lock on
+PostgreSQL, the write lock on SQLite, taken before anything is read), stamps every row it
+writes with that version, writes its audit rows and, on PostgreSQL, sends
+``NOTIFY paragate_config`` on commit. A gateway applies a change by reading the rows
+stamped above the version it holds (``Store.changes``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,29 +28,58 @@ from sqlalchemy import (
     Connection,
     Dialect,
     Engine,
+    RowMapping,
     create_engine,
-    delete,
     event,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
 
-from .records import KeyRecord, ModelRecord, Snapshot, UsageRecord
-from .schema import api_keys, config_state, models, usage_records
+from .records import (
+    AuditRecord,
+    Changes,
+    CompanyRecord,
+    KeyRecord,
+    ModelRecord,
+    UsageRecord,
+    UserRecord,
+)
+from .schema import (
+    api_keys,
+    audit_log,
+    companies,
+    config_state,
+    models,
+    usage_records,
+    users,
+)
 
 __all__ = [
+    "NOTIFY_CHANNEL",
+    "AuditRecord",
+    "Change",
+    "Changes",
+    "CompanyRecord",
     "KeyRecord",
     "ModelRecord",
-    "Snapshot",
     "Store",
-    "StoreError",
     "UsageRecord",
+    "UserRecord",
+    "audit_of",
+    "company_of",
+    "key_of",
+    "model_of",
+    "now",
+    "user_of",
 ]
 
+NOTIFY_CHANNEL = "paragate_config"
 _MIGRATIONS = Path(__file__).with_name("migrations")
+# Any 64-bit number, the same in every paragate: serialises concurrent migrations.
+_MIGRATION_LOCK = 0x70617261676174  # "paragat"
 _USAGE_FIELDS = [f.name for f in dataclasses.fields(UsageRecord)]
 # (SQL, parameter names in order, (index, bind processor) pairs, positional paramstyle?)
 _CompiledInsert = tuple[str, list[str], list[tuple[int, Callable[[Any], Any]]], bool]
@@ -57,14 +94,9 @@ def _compile_usage_insert(dialect: Dialect) -> _CompiledInsert:
         if process is not None:
             processors.append((i, process))
     return str(compiled), names, processors, bool(compiled.positional)
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelRecord)} - {"created_at", "updated_at"}
 
 
-class StoreError(Exception):
-    """A write the store refused: a duplicate name, or a row that does not exist."""
-
-
-def _now() -> datetime:
+def now() -> datetime:
     return datetime.now(UTC)
 
 
@@ -75,17 +107,37 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 
+class Change:
+    """One control-plane transaction: its version, and its audit rows."""
+
+    def __init__(self, conn: Connection, version: int, actor: Mapping[str, Any]) -> None:
+        self.conn = conn
+        self.version = version
+        self._actor = actor
+        self.at = now()
+
+    def audit(self, action: str, target_type: str, target_id: object,
+              company_id: int | None, changes: Mapping[str, Sequence[object]]) -> None:
+        self.conn.execute(insert(audit_log).values(
+            created_at=self.at, action=action, target_type=target_type,
+            target_id=str(target_id), company_id=company_id,
+            changes={k: list(v) for k, v in changes.items()}, **self._actor))
+
+
 class Store:
-    """All reads and writes of paragate's tables."""
+    """The engine, the migrations, and the few reads and writes that are not one
+    aggregate's (the version, the changes, usage)."""
 
     def __init__(self, url: str) -> None:
         parsed = make_url(url)
         if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship
         self.url = parsed
+        self.is_postgres = parsed.get_backend_name() == "postgresql"
         self.engine: Engine = create_engine(parsed, pool_pre_ping=True)
         self._usage_insert: _CompiledInsert | None = None
         if parsed.get_backend_name() == "sqlite":
@@ -97,127 +149,68 @@ class Store:
     # -- schema ---------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        """Bring the schema to the newest migration (idempotent)."""
+        """Bring the schema to the newest migration (idempotent). On PostgreSQL an
+        advisory lock makes gateways that start at once migrate one after the other."""
         cfg = Config()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         with self.engine.begin() as conn:
+            if self.is_postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
-    # -- keys and models ------------------------------------------------------------------
+    # -- the control plane ----------------------------------------------------------------
 
-    def _bump(self, conn: Connection) -> None:
-        conn.execute(update(config_state).values(version=config_state.c.version + 1))
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def change(self, actor: Mapping[str, Any]) -> Iterator[Change]:
+        """A transaction that changes the control plane (see the module's docstring).
+        ``actor`` holds the audit columns: actor_type, actor_user_id, actor_key,
+        request_id, client_addr."""
+        with self.engine.begin() as conn:
+            conn.execute(update(config_state).values(version=config_state.c.version + 1))
+            version = int(conn.execute(select(config_state.c.version)).scalar_one())
+            yield Change(conn, version, actor)
+            if self.is_postgres:  # delivered when the transaction commits, not before
+                conn.execute(text("SELECT pg_notify(:c, :v)"),
+                             {"c": NOTIFY_CHANNEL, "v": str(version)})
 
     def version(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(config_state.c.version)).scalar_one())
 
-    def add_key(
-        self,
-        *,
-        public_id: str,
-        secret_hash: str,
-        name: str,
-        is_admin: bool = False,
-        allowed_models: Sequence[str] | None = None,
-        rate_limit_rpm: int | None = None,
-        expires_at: datetime | None = None,
-    ) -> KeyRecord:
-        with self.engine.begin() as conn:
-            conn.execute(
-                insert(api_keys).values(
-                    public_id=public_id,
-                    secret_hash=secret_hash,
-                    name=name,
-                    is_admin=is_admin,
-                    allowed_models=list(allowed_models) if allowed_models is not None else None,
-                    rate_limit_rpm=rate_limit_rpm,
-                    created_at=_now(),
-                    expires_at=expires_at,
-                )
-            )
-            self._bump(conn)
-            row = conn.execute(select(api_keys).where(api_keys.c.public_id == public_id)).one()
-        return _key(row._mapping)
+    def changes(self, since: int) -> Changes:
+        """Every config row stamped above ``since`` (all of them for ``since=0``).
 
-    def list_keys(self) -> list[KeyRecord]:
+        The version is read first: a writer bumps it and stamps its rows in one
+        transaction, so every row up to that version is visible to the reads after it."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(api_keys).order_by(api_keys.c.id)).all()
-        return [_key(r._mapping) for r in rows]
-
-    def revoke_key(self, public_id: str) -> KeyRecord:
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(api_keys)
-                .where(api_keys.c.public_id == public_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=_now())
-            )
-            row = conn.execute(
-                select(api_keys).where(api_keys.c.public_id == public_id)
-            ).one_or_none()
-            if row is None:
-                raise StoreError(f"no key with id {public_id!r}")
-            if done.rowcount:
-                self._bump(conn)
-        return _key(row._mapping)
-
-    def add_model(self, model: ModelRecord) -> ModelRecord:
-        now = _now()
-        values = {f: getattr(model, f) for f in _MODEL_FIELDS}
-        values["display_name"] = model.display_name or model.name
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(models).values(**values, created_at=now, updated_at=now))
-                self._bump(conn)
-        except IntegrityError:
-            raise StoreError(f"a model named {model.name!r} exists already") from None
-        return self.get_model(model.name)
-
-    def update_model(self, name: str, /, **changes: Any) -> ModelRecord:
-        unknown = set(changes) - _MODEL_FIELDS
-        if unknown:
-            raise StoreError(f"unknown model fields: {', '.join(sorted(unknown))}")
-        try:
-            with self.engine.begin() as conn:
-                done = conn.execute(
-                    update(models)
-                    .where(models.c.name == name)
-                    .values(**changes, updated_at=_now())
-                )
-                if not done.rowcount:
-                    raise StoreError(f"no model named {name!r}")
-                self._bump(conn)
-        except IntegrityError:
-            raise StoreError(f"a model named {changes.get('name')!r} exists already") from None
-        return self.get_model(changes.get("name", name))
-
-    def remove_model(self, name: str) -> None:
-        with self.engine.begin() as conn:
-            done = conn.execute(delete(models).where(models.c.name == name))
-            if not done.rowcount:
-                raise StoreError(f"no model named {name!r}")
-            self._bump(conn)
-
-    def get_model(self, name: str) -> ModelRecord:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(models).where(models.c.name == name)).one_or_none()
-        if row is None:
-            raise StoreError(f"no model named {name!r}")
-        return _model(row._mapping)
-
-    def list_models(self) -> list[ModelRecord]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(models).order_by(models.c.name)).all()
-        return [_model(r._mapping) for r in rows]
-
-    def snapshot(self) -> Snapshot:
-        """Keys, models and the version they belong to, read consistently."""
-        with self.engine.begin() as conn:
             version = int(conn.execute(select(config_state.c.version)).scalar_one())
-            keys = tuple(_key(r._mapping) for r in conn.execute(select(api_keys)))
-            mods = tuple(_model(r._mapping) for r in conn.execute(select(models)))
-        return Snapshot(version=version, keys=keys, models=mods)
+
+            def rows(table: Any, convert: Callable[[RowMapping], Any]) -> tuple[Any, ...]:
+                query = select(table).where(table.c.version > since).order_by(table.c.id)
+                return tuple(convert(r) for r in conn.execute(query).mappings())
+
+            return Changes(
+                since=since,
+                version=version,
+                companies=rows(companies, company_of),
+                users=rows(users, user_of),
+                keys=rows(api_keys, key_of),
+                models=rows(models, model_of),
+            )
+
+    def touch_keys(self, key_ids: Iterable[int], at: datetime) -> None:
+        """Record when keys were last used. Not a config change: no version, no audit."""
+        ids = sorted(key_ids)
+        with self.engine.begin() as conn:
+            for start in range(0, len(ids), 500):
+                conn.execute(update(api_keys).where(api_keys.c.id.in_(ids[start:start + 500]))
+                             .values(last_used_at=at))
 
     # -- usage ----------------------------------------------------------------------------
 
@@ -251,21 +244,30 @@ class Store:
         ]
 
 
-def _key(row: Any) -> KeyRecord:
-    allowed = row["allowed_models"]
-    return KeyRecord(
-        id=row["id"],
-        public_id=row["public_id"],
-        secret_hash=row["secret_hash"],
-        name=row["name"],
-        is_admin=bool(row["is_admin"]),
-        allowed_models=tuple(allowed) if allowed is not None else None,
-        rate_limit_rpm=row["rate_limit_rpm"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        revoked_at=row["revoked_at"],
-    )
+# -- rows to records ----------------------------------------------------------------------
 
 
-def _model(row: Any) -> ModelRecord:
-    return ModelRecord(**{k: v for k, v in row.items() if k != "id"})
+def company_of(row: RowMapping) -> CompanyRecord:
+    return CompanyRecord(**row)
+
+
+def user_of(row: RowMapping) -> UserRecord:
+    return UserRecord(**row)
+
+
+def key_of(row: RowMapping) -> KeyRecord:
+    values = dict(row)
+    ids = values["model_ids"]
+    values["model_ids"] = tuple(ids) if ids is not None else None
+    return KeyRecord(**values)
+
+
+def model_of(row: RowMapping) -> ModelRecord:
+    values = dict(row)
+    ids = values["company_ids"]
+    values["company_ids"] = tuple(ids) if ids is not None else None
+    return ModelRecord(**values)
+
+
+def audit_of(row: RowMapping) -> AuditRecord:
+    return AuditRecord(**row)

@@ -5,7 +5,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["KeyRecord", "ModelRecord", "Snapshot", "UsageRecord"]
+__all__ = [
+    "AuditRecord",
+    "Changes",
+    "CompanyRecord",
+    "KeyRecord",
+    "ModelRecord",
+    "UsageRecord",
+    "UserRecord",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CompanyRecord:
+    id: int
+    name: str
+    builtin: bool
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    id: int
+    company_id: int
+    email: str
+    name: str
+    role: str  # admin | company_admin | user
+    key_manager: bool
+    builtin: str | None  # system_admin | default_user | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,15 +47,21 @@ class KeyRecord:
     id: int
     public_id: str
     secret_hash: str
+    previous_hash: str | None  # a rotated-out secret, accepted until previous_expires_at
+    previous_expires_at: datetime | None
+    user_id: int
     name: str
-    is_admin: bool
-    allowed_models: tuple[str, ...] | None  # None: every model
+    model_ids: tuple[int, ...] | None  # None: every model the company may use
     rate_limit_rpm: int | None  # None: no limit
+    usage_opt_in: bool
+    version: int
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    last_used_at: datetime | None
 
     def usable_at(self, now: datetime) -> bool:
+        """Neither revoked nor expired at ``now`` (what counts as an active key)."""
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
 
@@ -34,20 +74,48 @@ class ModelRecord:
     type: str = "llm"
     upstream_api_key: str | None = None
     enabled: bool = True
+    company_ids: tuple[int, ...] | None = None  # None: every company
     max_logprobs: int | None = None
     default_max_tokens: int | None = None
     max_tokens_limit: int | None = None
+    id: int = 0
+    version: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    deleted_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything the request path needs from the store, read in one transaction."""
+class AuditRecord:
+    id: int
+    created_at: datetime
+    actor_type: str  # user | cli
+    actor_user_id: int | None
+    actor_key: str | None
+    action: str
+    target_type: str
+    target_id: str
+    company_id: int | None
+    changes: dict[str, list[object]]
+    request_id: str | None
+    client_addr: str | None
 
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """The config rows stamped with a version above ``since``, and the version they
+    lead up to (rows above ``version`` may be included too: applying is idempotent)."""
+
+    since: int
     version: int
-    keys: tuple[KeyRecord, ...]
-    models: tuple[ModelRecord, ...]
+    companies: tuple[CompanyRecord, ...] = ()
+    users: tuple[UserRecord, ...] = ()
+    keys: tuple[KeyRecord, ...] = ()
+    models: tuple[ModelRecord, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return len(self.companies) + len(self.users) + len(self.keys) + len(self.models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +131,6 @@ class UsageRecord:
     completion_tokens: int | None
     total_tokens: int | None
     duration_ms: int
+    user_id: int | None = None
+    company_id: int | None = None
+    model_id: int | None = None

@@ -1,0 +1,78 @@
+"""Route tables: each path and method names its handler and the permission it needs.
+
+Exact paths are one dict lookup (the hot path: ``/api/v2/completions``); templates with
+one ``{param}`` are tried after, longest suffix first. A ``{model}`` parameter may hold
+slashes (model names such as ``org/model`` do); every other parameter is one segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .access import Permission
+from .asgi import Receive, Scope, Send
+from .auth import Principal
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+__all__ = ["Endpoint", "Handler", "Request", "Router", "Table"]
+
+
+@dataclass(slots=True)
+class Request:
+    scope: Scope
+    receive: Receive
+    send: Send
+    principal: Principal | None  # None only on public routes
+    path_param: str = ""
+
+    @property
+    def caller(self) -> Principal:
+        assert self.principal is not None, "an authenticated route"
+        return self.principal
+
+
+Handler = Callable[["Gateway", Request], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    handler: Handler
+    permission: Permission | None  # None: public (``app.PUBLIC_PATHS`` says why)
+
+
+Table = Mapping[str, Mapping[str, Endpoint]]
+_GREEDY = ("{model}",)
+
+
+class Router:
+    def __init__(self, table: Table) -> None:
+        self.exact = {p: dict(m) for p, m in table.items() if "{" not in p}
+        templates = []
+        for path, methods in table.items():
+            if "{" in path:
+                prefix, rest = path.split("{", 1)
+                name, suffix = rest.split("}", 1)
+                greedy = "{" + name + "}" in _GREEDY
+                templates.append((prefix, suffix, greedy, path, dict(methods)))
+        self.templates = sorted(templates, key=lambda t: (-len(t[1]), -len(t[0])))
+
+    def match(self, path: str) -> tuple[str, str, dict[str, Endpoint]] | None:
+        """(template, path parameter, endpoints by method), or None."""
+        methods = self.exact.get(path)
+        if methods is not None:
+            return path, "", methods
+        for prefix, suffix, greedy, template, endpoints in self.templates:
+            if path.startswith(prefix) and path.endswith(suffix) and (
+                len(path) > len(prefix) + len(suffix)
+            ):
+                param = path[len(prefix):len(path) - len(suffix)]
+                if greedy or "/" not in param:
+                    return template, param, endpoints
+        stripped = path.rstrip("/")
+        if stripped != path and stripped:
+            return self.match(stripped)
+        return None

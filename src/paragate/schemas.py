@@ -1,0 +1,256 @@
+"""The control plane's request bodies and answers, as msgspec structs.
+
+The admin API decodes bodies into the request structs (strict types, unknown fields
+refused) and renders answers from the response structs; the OpenAPI document is
+generated from the same structs, so the three cannot drift apart. The checks that go
+beyond types (lengths, formats, scope) are the control layer's, shared with the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+__all__ = [
+    "REQUESTS",
+    "RESPONSES",
+    "ApiKey",
+    "ApiKeyList",
+    "AuditEntry",
+    "AuditEntryList",
+    "Company",
+    "CompanyList",
+    "Deleted",
+    "Me",
+    "Model",
+    "ModelList",
+    "User",
+    "UserList",
+]
+
+Role = Literal["admin", "company_admin", "user"]
+
+
+class _Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    pass
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+class CompanyCreate(_Body):
+    name: str
+
+
+class CompanyUpdate(_Body):
+    name: str | UnsetType = UNSET
+
+
+class UserCreate(_Body):
+    email: str
+    company_id: int | None = None  # default: the caller's company
+    name: str = ""
+    role: Role = "user"
+    key_manager: bool = False
+
+
+class UserUpdate(_Body):
+    email: str | UnsetType = UNSET
+    name: str | UnsetType = UNSET
+    role: Role | UnsetType = UNSET
+    key_manager: bool | UnsetType = UNSET
+
+
+class ApiKeyCreate(_Body):
+    name: str
+    user_id: int | None = None  # default: the caller
+    models: list[str] | None = None  # default: every model the company may use
+    # Unix time; absent: PARAGATE_DEFAULT_KEY_DAYS from now; null: never
+    expires_at: int | UnsetType | None = UNSET
+    usage_opt_in: bool = True
+    rate_limit_rpm: int | None = None
+
+
+class ApiKeyUpdate(_Body):
+    name: str | UnsetType = UNSET
+    models: list[str] | UnsetType | None = UNSET
+    expires_at: int | UnsetType | None = UNSET
+    usage_opt_in: bool | UnsetType = UNSET
+    rate_limit_rpm: int | UnsetType | None = UNSET
+
+
+class ModelLimits(_Body):
+    max_logprobs: int | UnsetType | None = UNSET
+    default_max_tokens: int | UnsetType | None = UNSET
+    max_tokens_limit: int | UnsetType | None = UNSET
+
+
+class ModelCreate(_Body):
+    name: str
+    upstream_url: str
+    upstream_model: str | None = None  # default: the name
+    display_name: str | None = None  # default: the name
+    type: Literal["llm", "embedding"] = "llm"
+    upstream_api_key: str | None = None
+    enabled: bool = True
+    companies: list[int] | None = None  # default: every company
+    limits: ModelLimits | None = None
+
+
+class ModelUpdate(_Body):
+    name: str | UnsetType = UNSET  # renames; keys and usage follow the model's id
+    upstream_url: str | UnsetType = UNSET
+    upstream_model: str | UnsetType = UNSET
+    display_name: str | UnsetType | None = UNSET
+    type: Literal["llm", "embedding"] | UnsetType = UNSET
+    upstream_api_key: str | UnsetType | None = UNSET
+    enabled: bool | UnsetType = UNSET
+    companies: list[int] | UnsetType | None = UNSET
+    limits: ModelLimits | UnsetType = UNSET
+
+
+def given(body: msgspec.Struct) -> dict[str, Any]:
+    """The fields a body set (an update changes only those)."""
+    return {f: getattr(body, f) for f in body.__struct_fields__
+            if getattr(body, f) is not UNSET}
+
+
+# -- answers -------------------------------------------------------------------------------
+
+
+class Company(msgspec.Struct, tag="company", tag_field="object"):
+    id: int
+    name: str
+    builtin: bool
+    created_at: int
+    updated_at: int
+
+
+class User(msgspec.Struct, tag="user", tag_field="object"):
+    id: int
+    company_id: int
+    email: str
+    name: str
+    role: Role
+    key_manager: bool
+    builtin: str | None
+    created_at: int
+    updated_at: int
+
+
+class ApiKey(msgspec.Struct, tag="api_key", tag_field="object"):
+    id: str  # the public id: pg-<id>-<secret>
+    name: str
+    prefix: str
+    user_id: int
+    company_id: int
+    models: list[str] | None
+    usage_opt_in: bool
+    rate_limit_rpm: int | None
+    state: Literal["active", "expired", "revoked"]
+    created_at: int
+    expires_at: int | None
+    last_used_at: int | None
+    revoked_at: int | None
+    previous_secret_expires_at: int | None
+    key: str | UnsetType = UNSET  # the whole key: in the answers to create and rotate only
+
+
+class Limits(msgspec.Struct):
+    max_logprobs: int | None
+    default_max_tokens: int | None
+    max_tokens_limit: int | None
+
+
+class Model(msgspec.Struct, tag="model", tag_field="object"):
+    """OpenAI's model object; the configuration fields are for system admins only."""
+
+    id: str
+    created: int
+    owned_by: str
+    display_name: str
+    type: str
+    enabled: bool | UnsetType = UNSET
+    upstream_url: str | UnsetType = UNSET
+    upstream_model: str | UnsetType = UNSET
+    has_upstream_api_key: bool | UnsetType = UNSET
+    companies: list[int] | UnsetType | None = UNSET
+    limits: Limits | UnsetType = UNSET
+
+
+class Actor(msgspec.Struct):
+    type: Literal["user", "cli"]
+    user_id: int | None
+    key_id: str | None
+
+
+class Target(msgspec.Struct):
+    type: str
+    id: str
+
+
+class AuditEntry(msgspec.Struct, tag="audit_log_entry", tag_field="object"):
+    id: int
+    created_at: int
+    actor: Actor
+    action: str
+    target: Target
+    company_id: int | None
+    changes: dict[str, list[Any]]
+    request_id: str | None
+    client_addr: str | None
+
+
+class MeKey(msgspec.Struct):
+    id: str
+    name: str
+    prefix: str
+    expires_at: int | None
+    models: list[str] | None
+    usage_opt_in: bool
+
+
+class MeUser(msgspec.Struct):
+    id: int
+    email: str
+    name: str
+    role: Role
+    key_manager: bool
+
+
+class MeCompany(msgspec.Struct):
+    id: int
+    name: str
+
+
+class Me(msgspec.Struct, tag="me", tag_field="object"):
+    key: MeKey
+    user: MeUser
+    company: MeCompany
+    role: Role
+
+
+class Deleted(msgspec.Struct):
+    object: str
+    id: int | str
+    deleted: bool
+
+
+def _list_of(item: type, name: str) -> type:
+    return msgspec.defstruct(name, [
+        ("object", Literal["list"]), ("data", list[item]),  # type: ignore[valid-type]
+        ("has_more", bool), ("first_id", int | str | None), ("last_id", int | str | None)])
+
+
+CompanyList = _list_of(Company, "CompanyList")
+UserList = _list_of(User, "UserList")
+ApiKeyList = _list_of(ApiKey, "ApiKeyList")
+ModelList = _list_of(Model, "ModelList")
+AuditEntryList = _list_of(AuditEntry, "AuditEntryList")
+
+REQUESTS: tuple[type, ...] = (CompanyCreate, CompanyUpdate, UserCreate, UserUpdate,
+                              ApiKeyCreate, ApiKeyUpdate, ModelCreate, ModelUpdate)
+RESPONSES: tuple[type, ...] = (Company, CompanyList, User, UserList, ApiKey, ApiKeyList,
+                               Model, ModelList, AuditEntry, AuditEntryList, Me, Deleted)

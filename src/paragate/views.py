@@ -1,0 +1,85 @@
+"""The control plane's objects rendered as the API answers them (``schemas``' structs).
+
+Times are Unix seconds (OpenAI's convention). No answer holds a secret: a key's secret
+appears only in the answers to create and rotate (``key``), and a model's upstream API
+key never (``has_upstream_api_key`` says whether one is set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from msgspec import UNSET
+
+from . import schemas as s
+from .control.keys import Key
+from .registry import Route
+from .store import AuditRecord, CompanyRecord, UserRecord
+
+__all__ = ["audit", "company", "key", "listing", "model", "user"]
+
+
+def _t(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def _ts(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def listing(kind: type, data: Sequence[Any], has_more: bool = False) -> Any:
+    return kind(object="list", data=list(data), has_more=has_more,
+                first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+
+
+def company(c: CompanyRecord) -> s.Company:
+    return s.Company(id=c.id, name=c.name, builtin=c.builtin, created_at=_ts(c.created_at),
+                     updated_at=_ts(c.updated_at))
+
+
+def user(u: UserRecord) -> s.User:
+    return s.User(id=u.id, company_id=u.company_id, email=u.email, name=u.name,
+                  role=u.role, key_manager=u.key_manager,  # type: ignore[arg-type]
+                  builtin=u.builtin, created_at=_ts(u.created_at),
+                  updated_at=_ts(u.updated_at))
+
+
+def key(k: Key) -> s.ApiKey:
+    r = k.record
+    return s.ApiKey(
+        id=r.public_id, name=r.name, prefix=f"pg-{r.public_id}", user_id=r.user_id,
+        company_id=k.company_id, models=list(k.models) if k.models is not None else None,
+        usage_opt_in=r.usage_opt_in, rate_limit_rpm=r.rate_limit_rpm,
+        state=k.state,  # type: ignore[arg-type]
+        created_at=_ts(r.created_at), expires_at=_t(r.expires_at),
+        last_used_at=_t(r.last_used_at), revoked_at=_t(r.revoked_at),
+        previous_secret_expires_at=_t(r.previous_expires_at),
+        key=k.secret if k.secret is not None else UNSET)
+
+
+def model(route: Route, config: bool) -> s.Model:
+    """OpenAI's model object; with ``config`` (system admins only) its configuration."""
+    out = s.Model(id=route.name, created=route.created, owned_by="paragate",
+                  display_name=route.display_name, type=route.type)
+    if config:
+        out.enabled = route.enabled
+        out.upstream_url = route.upstream_url
+        out.upstream_model = route.upstream_model
+        out.has_upstream_api_key = route.upstream_api_key is not None
+        out.companies = sorted(route.company_ids) if route.company_ids is not None else None
+        out.limits = s.Limits(max_logprobs=route.max_logprobs_set,
+                              default_max_tokens=route.default_max_tokens,
+                              max_tokens_limit=route.max_tokens_limit)
+    return out
+
+
+def audit(a: AuditRecord) -> s.AuditEntry:
+    return s.AuditEntry(
+        id=a.id, created_at=_ts(a.created_at),
+        actor=s.Actor(type=a.actor_type, user_id=a.actor_user_id,  # type: ignore[arg-type]
+                      key_id=a.actor_key),
+        action=a.action, target=s.Target(type=a.target_type, id=a.target_id),
+        company_id=a.company_id, changes=a.changes, request_id=a.request_id,
+        client_addr=a.client_addr)
