@@ -49,9 +49,7 @@ class Key:
         r = self.record
         if r.revoked_at is not None:
             return "revoked"
-        if r.expires_at is not None and r.expires_at <= now():
-            return "expired"
-        return "active"
+        return "active" if r.usable_at(now()) else "expired"
 
 
 def _query() -> Select[Any]:

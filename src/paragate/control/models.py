@@ -110,7 +110,7 @@ def create(store: Store, actor: Actor, name: str, **values: Any) -> ModelRecord:
         return _live(ch.conn, name)
 
 
-def update(store: Store, actor: Actor, name: str, **changes: Any) -> ModelRecord:
+def update(store: Store, actor: Actor, name: str, /, **changes: Any) -> ModelRecord:
     """Change the fields given (``name`` renames; None unsets an optional field)."""
     require_admin(actor)
     with store.change(actor.audit_columns()) as ch:

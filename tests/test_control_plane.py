@@ -1,0 +1,472 @@
+"""The control plane through the admin API, in-process: the key lifecycle, limits on
+keys, the audit log, client addresses, and how the gateway's view follows the store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from paragate import control
+from paragate.app import App
+from paragate.config import Settings
+from paragate.control.users import SYSTEM_ADMIN
+from paragate.gateway import Gateway
+from paragate.store import Store
+
+from .conftest import CLI, TEST_SETTINGS, Keys, force_expiry
+from .test_completions import assert_envelope, auth
+
+
+class Tenancy:
+    """A company with an admin and a key manager, beside the seeded models and keys."""
+
+    def __init__(self, store: Store) -> None:
+        self.company = control.companies.create(store, CLI, "ACME").id
+        self.admin_id = control.users.create(store, CLI, company_id=self.company,
+                                             email="boss@acme.example",
+                                             role="company_admin").id
+        self.user_id = control.users.create(store, CLI, company_id=self.company,
+                                            email="ana@acme.example", key_manager=True).id
+        self.plain_id = control.users.create(store, CLI, company_id=self.company,
+                                             email="bo@acme.example").id
+        self.admin = self._key(store, self.admin_id, "boss")
+        self.user = self._key(store, self.user_id, "ana")
+        self.plain = self._key(store, self.plain_id, "bo")
+        made = control.keys.create(store, CLI, name="root", builtin=SYSTEM_ADMIN)
+        assert made.secret is not None
+        self.root = made.secret
+
+    @staticmethod
+    def _key(store: Store, user_id: int, name: str) -> str:
+        secret = control.keys.create(store, CLI, name=name, user_id=user_id).secret
+        assert secret is not None
+        return secret
+
+
+async def _gateway(store: Store, **settings: Any) -> Gateway:
+    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url), **settings), store)
+    await gw.start()
+    return gw
+
+
+@pytest.fixture
+def tenancy(store: Store, keys: Keys) -> Tenancy:
+    return Tenancy(store)
+
+
+@pytest.fixture
+async def api(gateway: Gateway, tenancy: Tenancy) -> AsyncIterator[httpx.AsyncClient]:
+    await gateway.refresher.refresh()  # the tenancy was made after the gateway started
+    transport = httpx.ASGITransport(app=App(gateway), client=("10.1.2.3", 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+        yield c
+
+
+async def complete(api: httpx.AsyncClient, key: str) -> httpx.Response:
+    return await api.post("/api/v2/completions", headers=auth(key),
+                          json={"model": "alfred-4.2", "prompt": "x", "max_tokens": 1})
+
+
+async def test_key_lifecycle(api: httpx.AsyncClient, tenancy: Tenancy,
+                             gateway: Gateway) -> None:
+    r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user), json={"name": "laptop"})
+    assert r.status_code == 201, r.text
+    made = r.json()
+    secret = made["key"]
+    assert secret.startswith(f"pg-{made['id']}-") and made["state"] == "active"
+    assert made["user_id"] == tenancy.user_id and made["company_id"] == tenancy.company
+    days = (made["expires_at"] - made["created_at"]) / 86400
+    assert 179.99 < days < 180.01  # PARAGATE_DEFAULT_KEY_DAYS
+    assert (await complete(api, secret)).status_code == 200
+    # the secret is shown once: never again
+    for path in (f"/api/v2/api-keys/{made['id']}", "/api/v2/api-keys"):
+        got = await api.get(path, headers=auth(tenancy.user))
+        assert got.status_code == 200 and secret.split("-")[2] not in got.text
+        assert "key" not in (got.json() if "list" not in got.json()["object"]
+                             else got.json()["data"][0])
+    # rotate: same id, new secret; the old one works during the grace
+    r = await api.post(f"/api/v2/api-keys/{made['id']}/rotate", headers=auth(tenancy.user))
+    assert r.status_code == 200, r.text
+    rotated = r.json()
+    assert rotated["id"] == made["id"] and rotated["key"] != secret
+    assert rotated["previous_secret_expires_at"] - rotated["created_at"] >= 86400
+    assert (await complete(api, rotated["key"])).status_code == 200
+    assert (await complete(api, secret)).status_code == 200
+    # expire it: both secrets stop
+    force_expiry(gateway.store, made["id"], datetime.now(UTC) - timedelta(seconds=1))
+    await gateway.refresher.refresh()
+    err = assert_envelope(await complete(api, rotated["key"]), 401, "invalid_api_key")
+    assert "expired" in err["message"]
+    # revoke: for good, and idempotent
+    force_expiry(gateway.store, made["id"], None)
+    await gateway.refresher.refresh()
+    assert (await complete(api, rotated["key"])).status_code == 200
+    r = await api.delete(f"/api/v2/api-keys/{made['id']}", headers=auth(tenancy.user))
+    assert r.status_code == 200 and r.json()["state"] == "revoked"
+    err = assert_envelope(await complete(api, rotated["key"]), 401, "invalid_api_key")
+    assert "revoked" in err["message"]
+    r = await api.delete(f"/api/v2/api-keys/{made['id']}", headers=auth(tenancy.user))
+    assert r.status_code == 200
+    r = await api.post(f"/api/v2/api-keys/{made['id']}/rotate", headers=auth(tenancy.user))
+    assert_envelope(r, 409, "conflict")
+
+
+async def test_rotation_without_grace_refuses_the_old_secret_at_once(
+        store: Store, tenancy: Tenancy) -> None:
+    gw = await _gateway(store, key_rotation_grace=0)
+    try:
+        transport = httpx.ASGITransport(app=App(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            assert (await complete(api, tenancy.user)).status_code == 200  # now cached
+            public_id = tenancy.user.split("-")[1]
+            r = await api.post(f"/api/v2/api-keys/{public_id}/rotate",
+                               headers=auth(tenancy.user))
+            assert r.status_code == 200 and r.json()["previous_secret_expires_at"] is None
+            assert_envelope(await complete(api, tenancy.user), 401, "invalid_api_key")
+            assert (await complete(api, r.json()["key"])).status_code == 200
+    finally:
+        await gw.stop()
+
+
+async def test_the_old_secret_stops_when_the_grace_ends(store: Store,
+                                                        tenancy: Tenancy) -> None:
+    gw = await _gateway(store, key_rotation_grace=1)
+    try:
+        transport = httpx.ASGITransport(app=App(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            public_id = tenancy.user.split("-")[1]
+            r = await api.post(f"/api/v2/api-keys/{public_id}/rotate",
+                               headers=auth(tenancy.user))
+            assert (await complete(api, tenancy.user)).status_code == 200  # cached now
+            await asyncio.sleep(1.1)
+            err = assert_envelope(await complete(api, tenancy.user), 401, "invalid_api_key")
+            assert "rotated" in err["message"]
+            assert (await complete(api, r.json()["key"])).status_code == 200
+    finally:
+        await gw.stop()
+
+
+async def test_at_most_five_active_keys(api: httpx.AsyncClient, tenancy: Tenancy) -> None:
+    made = []
+    for i in range(4):  # ana holds one already
+        r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user),
+                           json={"name": f"k{i}"})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+    r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user), json={"name": "k5"})
+    err = assert_envelope(r, 409, "conflict")
+    assert "5 active keys" in err["message"]
+    # a revoked key frees its place
+    await api.delete(f"/api/v2/api-keys/{made[0]}", headers=auth(tenancy.user))
+    r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user), json={"name": "k5"})
+    assert r.status_code == 201
+    # the built-in system admin is exempt
+    for i in range(6):
+        r = await api.post("/api/v2/api-keys", headers=auth(tenancy.root),
+                           json={"name": f"root{i}"})
+        assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({}, "name", "missing_field"),
+    ({"name": ""}, "name", "invalid_value"),
+    ({"name": "x" * 51}, "name", "invalid_value"),
+    ({"name": 5}, "name", "invalid_type"),
+    ({"name": "k", "colour": "red"}, "colour", "unknown_field"),
+    ({"name": "k", "expires_at": 1}, "expires_at", "invalid_value"),
+    ({"name": "k", "models": []}, "models", "invalid_value"),
+    ({"name": "k", "rate_limit_rpm": 0}, "rate_limit_rpm", "invalid_value"),
+    ({"name": "k", "usage_opt_in": "yes"}, "usage_opt_in", "invalid_type"),
+])
+async def test_key_bodies_are_checked(api: httpx.AsyncClient, tenancy: Tenancy,
+                                      body: dict[str, Any], param: str, code: str) -> None:
+    r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user), json=body)
+    assert_envelope(r, 400, code, param)
+
+
+async def test_keys_name_models_and_never_expire(api: httpx.AsyncClient,
+                                                 tenancy: Tenancy) -> None:
+    r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user),
+                       json={"name": "k", "models": ["alfred-4.2"], "expires_at": None,
+                             "usage_opt_in": False})
+    assert r.status_code == 201, r.text
+    key = r.json()
+    assert key["expires_at"] is None and key["models"] == ["alfred-4.2"]
+    assert key["usage_opt_in"] is False
+    r = await api.post("/api/v2/completions", headers=auth(key["key"]),
+                       json={"model": "limited", "prompt": "x"})
+    assert_envelope(r, 404, "model_not_found", "model")
+    me = (await api.get("/api/v2/me", headers=auth(key["key"]))).json()
+    assert me["key"]["models"] == ["alfred-4.2"] and me["role"] == "user"
+    assert me["company"]["id"] == tenancy.company and me["user"]["key_manager"] is True
+    # a model that the key's company may not use does not exist for its holder
+    r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user),
+                       json={"name": "k", "models": ["off"]})
+    assert_envelope(r, 404, "model_not_found", "models")
+
+
+async def test_a_renamed_model_keeps_its_keys(api: httpx.AsyncClient, tenancy: Tenancy,
+                                              gateway: Gateway) -> None:
+    r = await api.post("/api/v2/api-keys", headers=auth(tenancy.user),
+                       json={"name": "k", "models": ["alfred-4.2"]})
+    key = r.json()["key"]
+    r = await api.patch("/api/v2/models/alfred-4.2", headers=auth(tenancy.root),
+                        json={"name": "alfred-5"})
+    assert r.status_code == 200 and r.json()["id"] == "alfred-5"
+    r = await api.post("/api/v2/completions", headers=auth(key),
+                       json={"model": "alfred-5", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["model"] == "alfred-5"
+    assert_envelope(await complete(api, key), 404, "model_not_found", "model")
+    await asyncio.sleep(0.2)  # usage written
+    usage = gateway.store.list_usage()
+    assert usage[-1].model == "alfred-5" and usage[-1].model_id is not None
+    assert usage[-1].company_id == tenancy.company and usage[-1].user_id == tenancy.user_id
+
+
+async def test_models_per_company(api: httpx.AsyncClient, tenancy: Tenancy,
+                                  gateway: Gateway) -> None:
+    other = control.companies.create(gateway.store, CLI, "Other").id
+    r = await api.patch("/api/v2/models/alfred-4.2", headers=auth(tenancy.root),
+                        json={"companies": [other]})
+    assert r.status_code == 200 and r.json()["companies"] == [other]
+    missing = await api.post("/api/v2/completions", headers=auth(tenancy.user),
+                             json={"model": "nope", "prompt": "x"})
+    hidden = await api.post("/api/v2/completions", headers=auth(tenancy.user),
+                            json={"model": "alfred-4.2", "prompt": "x"})
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.text == missing.text.replace("nope", "alfred-4.2")
+    # the system admin too uses only what its own company may use
+    assert (await complete(api, tenancy.root)).status_code == 404
+    listed = await api.get("/api/v2/models", headers=auth(tenancy.root))
+    assert "alfred-4.2" not in [m["id"] for m in listed.json()["data"]]
+    every = await api.get("/api/v2/models?all=true", headers=auth(tenancy.root))
+    names = {m["id"]: m for m in every.json()["data"]}
+    assert names["alfred-4.2"]["companies"] == [other] and "off" in names
+    assert names["off"]["enabled"] is False
+    r = await api.patch("/api/v2/models/alfred-4.2", headers=auth(tenancy.root),
+                        json={"companies": [tenancy.company]})
+    assert (await complete(api, tenancy.user)).status_code == 200
+    r = await api.get("/api/v2/models?all=true", headers=auth(tenancy.user))
+    assert_envelope(r, 403, "permission_denied")
+
+
+async def test_models_configuration_is_for_system_admins_only(
+        api: httpx.AsyncClient, tenancy: Tenancy) -> None:
+    r = await api.post("/api/v2/models", headers=auth(tenancy.root), json={
+        "name": "m2", "upstream_url": "http://127.0.0.1:9/v1", "upstream_api_key": "sk-up-1",
+        "limits": {"max_tokens_limit": 10}})
+    assert r.status_code == 201, r.text
+    model = r.json()
+    assert model["has_upstream_api_key"] is True and "sk-up-1" not in r.text
+    assert model["limits"] == {"max_logprobs": None, "default_max_tokens": None,
+                               "max_tokens_limit": 10}
+    for who in (tenancy.user, tenancy.admin):
+        seen = await api.get("/api/v2/models/m2", headers=auth(who))
+        assert set(seen.json()) == {"id", "object", "created", "owned_by", "display_name",
+                                    "type"}
+    # the upstream key and URL are checked where the API and the CLI both pass
+    for body, param in (({"upstream_api_key": "a\r\nX-Evil: 1"}, "upstream_api_key"),
+                        ({"upstream_url": "http://h/v1\r\nX: y"}, "upstream_url"),
+                        ({"upstream_url": "ftp://h"}, "upstream_url")):
+        r = await api.patch("/api/v2/models/m2", headers=auth(tenancy.root), json=body)
+        assert_envelope(r, 400, "invalid_value", param)
+    r = await api.delete("/api/v2/models/m2", headers=auth(tenancy.root))
+    assert r.json() == {"object": "model", "id": "m2", "deleted": True}
+    r = await api.post("/api/v2/models", headers=auth(tenancy.root),
+                       json={"name": "m2", "upstream_url": "http://127.0.0.1:9/v1"})
+    assert r.status_code == 201  # a deleted model's name is free again
+
+
+async def test_every_change_is_audited(api: httpx.AsyncClient, tenancy: Tenancy) -> None:
+    r = await api.post("/api/v2/users", headers=auth(tenancy.admin),
+                       json={"email": "Cy@ACME.example", "role": "company_admin"})
+    assert r.status_code == 201, r.text
+    user = r.json()
+    assert user["email"] == "cy@acme.example" and user["company_id"] == tenancy.company
+    r = await api.post("/api/v2/users", headers=auth(tenancy.admin),
+                       json={"email": "cy@acme.example"})
+    assert_envelope(r, 409, "conflict", "email")
+    await api.patch(f"/api/v2/users/{user['id']}", headers=auth(tenancy.admin),
+                    json={"key_manager": True})
+    r = await api.get("/api/v2/audit-log?target=user:" + str(user["id"]),
+                      headers=auth(tenancy.admin))
+    entries = r.json()["data"]
+    assert [e["action"] for e in entries] == ["user.create", "user.update"]
+    update = entries[1]
+    assert update["changes"] == {"key_manager": [False, True]}
+    assert update["actor"] == {"type": "user", "user_id": tenancy.admin_id,
+                               "key_id": tenancy.admin.split("-")[1]}
+    assert update["client_addr"] == "10.1.2.3" and update["request_id"]
+    assert update["company_id"] == tenancy.company
+    # a company admin reads their company's rows only; the CLI's rows are marked so
+    r = await api.get("/api/v2/audit-log?actor=cli&limit=100", headers=auth(tenancy.root))
+    assert all(e["actor"]["type"] == "cli" for e in r.json()["data"])
+    r = await api.get("/api/v2/audit-log?limit=100", headers=auth(tenancy.admin))
+    assert {e["company_id"] for e in r.json()["data"]} == {tenancy.company}
+    r = await api.get("/api/v2/audit-log?action=api_key.&limit=2", headers=auth(tenancy.root))
+    page = r.json()
+    assert page["has_more"] and len(page["data"]) == 2
+    nxt = await api.get(f"/api/v2/audit-log?action=api_key.&after={page['last_id']}",
+                        headers=auth(tenancy.root))
+    assert nxt.json()["data"][0]["id"] > page["last_id"]
+    assert all(e["action"].startswith("api_key.") for e in nxt.json()["data"])
+
+
+async def test_client_address_from_trusted_proxies_only(store: Store,
+                                                        tenancy: Tenancy) -> None:
+    gw = await _gateway(store, trusted_proxies="10.0.0.0/8")
+    try:
+        for peer, forwarded, expected in (
+            ("10.1.2.3", "198.51.100.7, 10.9.9.9", "198.51.100.7"),  # proxy chain
+            ("203.0.113.5", "198.51.100.7", "203.0.113.5"),  # not a proxy: ignored
+            ("10.1.2.3", None, "10.1.2.3"),
+        ):
+            transport = httpx.ASGITransport(app=App(gw), client=(peer, 1234))
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+                headers = auth(tenancy.root)
+                if forwarded:
+                    headers["x-forwarded-for"] = forwarded
+                r = await api.post("/api/v2/companies", headers=headers,
+                                   json={"name": f"from {peer} {forwarded}"})
+                assert r.status_code == 201, r.text
+                entry = control.audit.list_(store, CLI, target=f"company:{r.json()['id']}")
+                assert entry.data[0].client_addr == expected
+    finally:
+        await gw.stop()
+
+
+async def test_deleting_a_company_revokes_its_keys_and_keeps_history(
+        api: httpx.AsyncClient, tenancy: Tenancy, gateway: Gateway) -> None:
+    assert (await complete(api, tenancy.user)).status_code == 200
+    r = await api.delete(f"/api/v2/companies/{tenancy.company}", headers=auth(tenancy.root))
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    for key in (tenancy.user, tenancy.admin, tenancy.plain):
+        assert_envelope(await complete(api, key), 401, "invalid_api_key")
+    r = await api.get(f"/api/v2/users/{tenancy.user_id}", headers=auth(tenancy.root))
+    assert_envelope(r, 404, "not_found")
+    keys = control.keys.list_(gateway.store, CLI, company_id=tenancy.company, limit=100)
+    assert {k.state for k in keys.data} == {"revoked"}
+    await asyncio.sleep(0.2)
+    assert any(u.company_id == tenancy.company for u in gateway.store.list_usage())
+    r = await api.get(f"/api/v2/audit-log?target=company:{tenancy.company}",
+                      headers=auth(tenancy.root))
+    assert [e["action"] for e in r.json()["data"]] == ["company.create", "company.delete"]
+    r = await api.delete("/api/v2/companies/1", headers=auth(tenancy.root))
+    assert_envelope(r, 409, "conflict")
+
+
+async def test_refresh_does_not_wait_behind_usage_writes(
+        store: Store, tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the refresh shared the one store thread with usage batches, so a slow
+    insert delayed a revocation by as long as the insert took."""
+    gw = await _gateway(store)
+    slow_started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    real_insert = store.insert_usage
+
+    def slow_insert(records: Any) -> int:
+        loop.call_soon_threadsafe(slow_started.set)
+        time.sleep(3)  # a database that takes its time
+        return real_insert(records)
+
+    monkeypatch.setattr(store, "insert_usage", slow_insert)
+    try:
+        transport = httpx.ASGITransport(app=App(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            assert (await complete(api, tenancy.user)).status_code == 200
+            await asyncio.wait_for(slow_started.wait(), 5)  # the usage writer is stuck
+            await asyncio.to_thread(control.keys.revoke, store, CLI,
+                                    tenancy.user.split("-")[1])
+            revoked_at = time.monotonic()
+            while (await complete(api, tenancy.user)).status_code == 200:
+                assert time.monotonic() - revoked_at < 1.0, "the revocation waited"
+                await asyncio.sleep(0.02)
+    finally:
+        await gw.stop()
+
+
+async def test_a_stale_view_is_reported_and_can_be_bounded(
+        store: Store, tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: a store error left the last view in force silently and forever."""
+    gw = await _gateway(store, max_view_age=0.5)
+    try:
+        transport = httpx.ASGITransport(app=App(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            assert (await complete(api, tenancy.user)).status_code == 200
+            health = (await api.get("/health")).json()
+            assert health["status"] == "ok" and health["config"]["store"] == "ok"
+
+            def down() -> int:
+                raise ConnectionError("the store is down")
+
+            monkeypatch.setattr(store, "version", down)
+            await asyncio.sleep(0.3)
+            assert (await complete(api, tenancy.user)).status_code == 200  # last view
+            health = (await api.get("/health")).json()
+            assert health["config"]["store"] == "unreachable"
+            assert "cannot refresh keys and models" in caplog.text
+            assert "s old" in caplog.text
+            await asyncio.sleep(0.5)
+            r = await complete(api, tenancy.user)
+            assert_envelope(r, 503, "control_plane_unavailable", type_="server_error")
+            assert (await api.get("/health")).status_code == 503
+            monkeypatch.undo()
+            await asyncio.sleep(0.3)
+            assert (await complete(api, tenancy.user)).status_code == 200
+            assert (await api.get("/health")).json()["status"] == "ok"
+    finally:
+        await gw.stop()
+
+
+async def test_without_a_bound_a_stale_view_keeps_serving(
+        store: Store, tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch) -> None:
+    gw = await _gateway(store)
+    assert gw.settings.max_view_age == 0
+    try:
+        transport = httpx.ASGITransport(app=App(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            monkeypatch.setattr(store, "version", lambda: 1 / 0)
+            await asyncio.sleep(0.5)
+            assert (await complete(api, tenancy.user)).status_code == 200
+            health = await api.get("/health")
+            assert health.status_code == 200 and health.json()["config"]["age_seconds"] > 0.3
+    finally:
+        await gw.stop()
+
+
+async def test_last_used_is_written_in_batches(store: Store, tenancy: Tenancy) -> None:
+    gw = await _gateway(store)
+    try:
+        transport = httpx.ASGITransport(app=App(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            for _ in range(3):
+                assert (await complete(api, tenancy.user)).status_code == 200
+        public_id = tenancy.user.split("-")[1]
+        assert control.keys.get(store, CLI, public_id).record.last_used_at is None
+        await gw.touches.flush()  # what the 10 s timer (and shutdown) does
+        used = control.keys.get(store, CLI, public_id).record.last_used_at
+        assert used is not None and abs(used.timestamp() - time.time()) < 5
+    finally:
+        await gw.stop()
+
+
+def test_settings_of_the_control_plane() -> None:
+    s = Settings()
+    assert (s.default_key_days, s.max_keys_per_user, s.key_rotation_grace) == (180, 5, 86400)
+    assert s.max_view_age == 0 and s.proxy_networks() == ()
+
+
+async def test_cached_principals_follow_role_changes(
+        api: httpx.AsyncClient, tenancy: Tenancy, gateway: Gateway) -> None:
+    assert (await api.get("/api/v2/users", headers=auth(tenancy.plain))).status_code == 403
+    control.users.update(gateway.store, CLI, tenancy.plain_id, role="company_admin")
+    await gateway.refresher.refresh()
+    assert (await api.get("/api/v2/users", headers=auth(tenancy.plain))).status_code == 200
+
