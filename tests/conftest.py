@@ -3,7 +3,9 @@ and the gateway driven in-process through ASGI."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,12 +26,43 @@ from paragate.store import Store
 from paragate.store.schema import api_keys
 
 from .fake_vllm import FakeVLLM
+from .servers import LOGS
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "PARAGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 FAKE_BEHAVIOURS = ("slow", "hang", "drop", "error-event", "status-400", "status-404",
                    "status-500", "status-503", "garbage", "unauthorized")
+
+
+_KEY = re.compile(r"pg-[0-9a-f]{12}-[A-Za-z0-9_-]{20,}")
+
+
+class _Everything(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_key_in_any_log() -> Iterator[None]:
+    """After the whole run: nothing shaped like an API key in any log line paragate
+    wrote in-process, nor in any gateway process's log."""
+    handler = _Everything()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.DEBUG)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous)
+    found = [line for line in handler.lines if _KEY.search(line)]
+    found += [f"{log}: {line}" for log in LOGS if log.exists()
+              for line in log.read_text(errors="replace").splitlines() if _KEY.search(line)]
+    assert not found, f"API keys in the logs: {found[:3]}"
 
 
 @pytest.fixture(scope="session")

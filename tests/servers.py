@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-__all__ = ["GatewayProcess", "free_port", "start_gateway"]
+__all__ = ["GatewayProcess", "TcpProxy", "free_port", "start_gateway"]
+
+
+LOGS: list[Path] = []  # every gateway process's log, for the end-of-run secret check
 
 
 def free_port() -> int:
@@ -47,6 +54,7 @@ def start_gateway(log_dir: Path, database_url: str, **settings: str) -> GatewayP
     env.update({"PARAGATE_DATABASE_URL": database_url, "PARAGATE_REFRESH_INTERVAL": "0.2",
                 "PARAGATE_USAGE_FLUSH_INTERVAL": "0.1", **settings})
     log = log_dir / f"gateway-{port}.log"
+    LOGS.append(log)
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
             [sys.executable, "-m", "paragate", "serve", "--port", str(port)],
@@ -63,3 +71,70 @@ def start_gateway(log_dir: Path, database_url: str, **settings: str) -> GatewayP
             time.sleep(0.05)
     gateway.stop()
     raise RuntimeError(f"gateway did not start: {log.read_text()}")
+
+
+
+class TcpProxy:
+    """A TCP proxy the test owns, in a thread of its own: ``down()`` cuts every
+    connection and refuses new ones (an outage of what is behind it, without stopping a
+    server other tests share); ``up()`` listens again on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.up()
+
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        pair = {writer, up_writer}
+        self._writers |= pair
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self._writers -= pair
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                  reuse_address=True)
+
+    async def _cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def up(self) -> None:
+        self._call(self._listen())
+
+    def down(self) -> None:
+        self._call(self._cut())
+
+    def close(self) -> None:
+        self.down()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
