@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 
 from paragate.app import ROUTES
+from paragate.gateway import Gateway
 from paragate.protocol import FIELDS
 
 from .conftest import Keys
@@ -81,6 +82,8 @@ def conforms(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str
         assert isinstance(value, wanted) and not (
             schema["type"] in ("integer", "number") and isinstance(value, bool)
         ), f"{where}: {value!r} is not {schema['type']}"
+    if "enum" in schema:
+        assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
     for name in schema.get("required", []):
         assert name in value, f"{where}: {name} missing"
     if isinstance(value, dict):
@@ -116,3 +119,57 @@ async def test_real_answers_match_the_document(client: httpx.AsyncClient, keys: 
             "responses"]
         conforms(doc, schemas["Error"], refused.json(), "error")
     conforms(doc, schemas["Error"], (await client.get("/api/v2/models")).json(), "401")
+
+
+async def test_admin_answers_match_the_document(client: httpx.AsyncClient,
+                                                keys: Keys) -> None:
+    """Every admin operation, called as the system admin: each answer conforms to the
+    schema the document gives for its status."""
+    doc = (await client.get("/api/v2/openapi.json")).json()
+    root = {"Authorization": f"Bearer {keys.admin}"}
+    seen: set[tuple[str, str]] = set()
+
+    async def call(method: str, template: str, path: str, body: Any = None) -> Any:
+        r = await client.request(method, path, headers=root, json=body)
+        op = doc["paths"][template][method.lower()]
+        answer = op["responses"].get(str(r.status_code))
+        assert answer is not None, f"{method} {path}: {r.status_code} is not documented"
+        schema = answer["content"]["application/json"]["schema"]
+        conforms(doc, schema, r.json(), f"{method} {template}")
+        seen.add((method.lower(), template))
+        return r.json()
+
+    company = (await call("POST", "/api/v2/companies", "/api/v2/companies",
+                          {"name": "ACME"}))["id"]
+    await call("GET", "/api/v2/companies", "/api/v2/companies")
+    one = "/api/v2/companies/{id}"
+    await call("GET", one, f"/api/v2/companies/{company}")
+    await call("PATCH", one, f"/api/v2/companies/{company}", {"name": "ACME 2"})
+    user = (await call("POST", "/api/v2/users", "/api/v2/users",
+                       {"company_id": company, "email": "a@acme.example"}))["id"]
+    await call("GET", "/api/v2/users", "/api/v2/users?company_id=1")
+    await call("GET", "/api/v2/users/{id}", f"/api/v2/users/{user}")
+    await call("PATCH", "/api/v2/users/{id}", f"/api/v2/users/{user}", {"key_manager": True})
+    key = (await call("POST", "/api/v2/api-keys", "/api/v2/api-keys",
+                      {"name": "k", "user_id": user}))["id"]
+    await call("GET", "/api/v2/api-keys", "/api/v2/api-keys?state=active")
+    await call("GET", "/api/v2/api-keys/{id}", f"/api/v2/api-keys/{key}")
+    await call("PATCH", "/api/v2/api-keys/{id}", f"/api/v2/api-keys/{key}", {"name": "k2"})
+    await call("POST", "/api/v2/api-keys/{id}/rotate", f"/api/v2/api-keys/{key}/rotate")
+    await call("DELETE", "/api/v2/api-keys/{id}", f"/api/v2/api-keys/{key}")
+    await call("POST", "/api/v2/api-keys", "/api/v2/api-keys", {"name": ""})  # a 400
+    await call("POST", "/api/v2/models", "/api/v2/models",
+               {"name": "m", "upstream_url": "http://h/v1", "companies": [company],
+                "limits": {"max_logprobs": 3}})
+    await call("GET", "/api/v2/models", "/api/v2/models?all=true")
+    await call("GET", "/api/v2/models/{model}", "/api/v2/models/m?all=true")
+    await call("PATCH", "/api/v2/models/{model}", "/api/v2/models/m", {"enabled": False})
+    await call("DELETE", "/api/v2/models/{model}", "/api/v2/models/m")
+    await call("GET", "/api/v2/audit-log", "/api/v2/audit-log?action=user.")
+    await call("GET", "/api/v2/me", "/api/v2/me")
+    await call("DELETE", "/api/v2/users/{id}", f"/api/v2/users/{user}")
+    await call("DELETE", one, f"/api/v2/companies/{company}")
+    await call("DELETE", one, "/api/v2/companies/1")  # a 409
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops
+                  if m != "parameters" and p not in ("/api/v2/completions", "/health")}
+    assert documented - seen == set()
