@@ -7,7 +7,6 @@ from typing import Any
 import httpx
 
 from paragate.app import ROUTES
-from paragate.gateway import Gateway
 from paragate.protocol import FIELDS
 
 from .conftest import Keys
