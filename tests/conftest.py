@@ -49,16 +49,16 @@ class _Everything(logging.Handler):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_key_in_any_log() -> Iterator[None]:
-    """After the whole run: nothing shaped like an API key in any log line paragate
-    wrote in-process, nor in any gateway process's log."""
+    """After the whole run: nothing shaped like an API key in any line paragate logged
+    in-process (debug level included), nor in any gateway process's log."""
     handler = _Everything()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    previous = root.level
-    root.setLevel(logging.DEBUG)
+    ours = logging.getLogger("paragate")
+    ours.addHandler(handler)
+    previous = ours.level
+    ours.setLevel(logging.DEBUG)  # debug lines too
     yield
-    root.removeHandler(handler)
-    root.setLevel(previous)
+    ours.removeHandler(handler)
+    ours.setLevel(previous)
     found = [line for line in handler.lines if _KEY.search(line)]
     found += [f"{log}: {line}" for log in LOGS if log.exists()
               for line in log.read_text(errors="replace").splitlines() if _KEY.search(line)]
