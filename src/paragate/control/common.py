@@ -18,6 +18,7 @@ from ..store.records import CompanyRecord
 from ..store.schema import companies
 
 __all__ = [
+    "INT_MAX",
     "MAX_PAGE",
     "Actor",
     "Page",
@@ -35,6 +36,7 @@ __all__ = [
 
 T = TypeVar("T")
 MAX_PAGE = 100
+INT_MAX = 2**31 - 1  # the store's integer columns (ids, limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,8 @@ def require_rank(actor: Actor, role: str, what: str) -> None:
 def live_company(conn: Connection, actor: Actor, company_id: int, param: str | None = None
                  ) -> CompanyRecord:
     """The company, if it exists, is not deleted and is in the actor's scope; else 404."""
+    if not 1 <= company_id <= INT_MAX:
+        raise NotFound(f"No company with id {company_id}.", param=param)
     row = conn.execute(select(companies).where(
         companies.c.id == company_id, companies.c.deleted_at.is_(None))).mappings().first()
     if row is None or not actor.sees_company(company_id):
@@ -129,13 +133,12 @@ def check_choice(value: str, field: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_int(value: int | None, field: str, lo: int | None = None, hi: int | None = None
+def check_int(value: int | None, field: str, lo: int | None = None, hi: int = INT_MAX
               ) -> int | None:
     if value is None:
         return None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
-                  else f"at least {lo}" if lo is not None else f"at most {hi}")
+    if (lo is not None and value < lo) or value > hi:
+        bounds = f"between {lo} and {hi}" if lo is not None else f"at most {hi}"
         raise InvalidRequest(f"'{field}' must be {bounds}, got {value}.", param=field)
     return value
 

@@ -19,7 +19,7 @@ from ..errors import Conflict, InvalidRequest, NotFound
 from ..store import KeyRecord, Store, key_of, now
 from ..store.schema import api_keys, models, users
 from .common import Actor, Page, check_choice, check_int, check_text, page, require_rank
-from .users import active_key_count, ensure_builtin, live_user
+from .users import active_key_count, ensure_builtin, live_user, role_of
 
 __all__ = ["DEFAULT", "STATES", "Key", "create", "get", "list_", "revoke", "rotate", "update"]
 
@@ -224,8 +224,7 @@ def update(store: Store, actor: Actor, public_id: str, **changes: Any) -> Key:
                                              changes["models"])
             diff["models"] = [list(key.models) if key.models is not None else None,
                               changes["models"]]
-        owner = live_user(ch.conn, Actor.cli(), r.user_id)
-        require_rank(actor, owner.role, "change a key of")
+        require_rank(actor, role_of(ch.conn, r.user_id), "change a key of")
         if r.revoked_at is not None:
             raise Conflict("A revoked key cannot be changed.")
         diff = {k: v for k, v in diff.items() if v[0] != v[1]}
@@ -254,8 +253,7 @@ def rotate(store: Store, actor: Actor, public_id: str, *, grace_seconds: int) ->
     secret, secret_hash = new_secret()
     with store.change(actor.audit_columns()) as ch:
         key = _find(ch.conn, actor, public_id)
-        owner = live_user(ch.conn, Actor.cli(), key.record.user_id)
-        require_rank(actor, owner.role, "rotate a key of")
+        require_rank(actor, role_of(ch.conn, key.record.user_id), "rotate a key of")
         if key.state != "active":
             raise Conflict(f"A {key.state} key cannot be rotated.")
         grace_until = ch.at + timedelta(seconds=grace_seconds) if grace_seconds else None

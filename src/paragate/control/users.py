@@ -17,6 +17,7 @@ from ..errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from ..store import Change, Store, UserRecord
 from ..store.schema import api_keys, users
 from .common import (
+    INT_MAX,
     Actor,
     Page,
     check_choice,
@@ -58,6 +59,8 @@ def check_email(email: str) -> str:
 def live_user(conn: Connection, actor: Actor, user_id: int, param: str | None = None
               ) -> UserRecord:
     """The user, if it exists, is not deleted and is in the actor's scope; else 404."""
+    if not 1 <= user_id <= INT_MAX:
+        raise NotFound(f"No user with id {user_id}.", param=param)
     row = conn.execute(select(users).where(
         users.c.id == user_id, users.c.deleted_at.is_(None))).mappings().first()
     if row is None or not actor.sees_company(row["company_id"]) or (
@@ -190,6 +193,11 @@ def ensure_builtin(ch: Change, kind: str) -> UserRecord:
         ch.audit("user.create", "user", user_id, 1, {"builtin": [None, kind]})
         row = ch.conn.execute(select(users).where(users.c.id == user_id)).mappings().one()
     return UserRecord(**row)
+
+
+def role_of(conn: Connection, user_id: int) -> str:
+    """A user's role, deleted or not (a key outlives nothing, but its row stays)."""
+    return str(conn.execute(select(users.c.role).where(users.c.id == user_id)).scalar_one())
 
 
 def active_key_count(conn: Connection, user_id: int, at: Any) -> int:
