@@ -174,6 +174,42 @@ async def test_at_most_five_active_keys(api: httpx.AsyncClient, tenancy: Tenancy
         assert r.status_code == 201, r.text
 
 
+async def test_an_expired_key_brought_back_counts_again(
+        api: httpx.AsyncClient, tenancy: Tenancy, gateway: Gateway) -> None:
+    old = tenancy.user.split("-")[1]
+    force_expiry(gateway.store, old, datetime.now(UTC) - timedelta(seconds=1))
+    for i in range(5):  # the expired one leaves room for five
+        r = await api.post("/api/v2/api-keys", headers=auth(tenancy.root),
+                           json={"name": f"k{i}", "user_id": tenancy.user_id})
+        assert r.status_code == 201, r.text
+    r = await api.patch(f"/api/v2/api-keys/{old}", headers=auth(tenancy.root),
+                        json={"expires_at": None})
+    assert_envelope(r, 409, "conflict")
+    r = await api.patch(f"/api/v2/api-keys/{old}", headers=auth(tenancy.root),
+                        json={"name": "still expired"})
+    assert r.status_code == 200 and r.json()["state"] == "expired"
+
+
+async def test_a_company_admin_cannot_revoke_a_system_admins_key(
+        store: Store, keys: Keys) -> None:
+    boss = control.users.create(store, CLI, company_id=1, email="boss@example.com",
+                                role="company_admin").id
+    boss_key = control.keys.create(store, CLI, name="boss", user_id=boss).secret
+    assert boss_key is not None
+    root = control.keys.create(store, CLI, name="root", builtin=SYSTEM_ADMIN)
+    gw = await _gateway(store)
+    try:
+        transport = httpx.ASGITransport(app=App(gw))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            r = await api.delete(f"/api/v2/api-keys/{root.record.public_id}",
+                                 headers=auth(boss_key))
+            assert_envelope(r, 403, "permission_denied")
+            assert (await api.get("/api/v2/me", headers=auth(root.secret or ""))
+                    ).status_code == 200
+    finally:
+        await gw.stop()
+
+
 @pytest.mark.parametrize(("body", "param", "code"), [
     ({}, "name", "missing_field"),
     ({"name": ""}, "name", "invalid_value"),

@@ -306,7 +306,8 @@ def test_the_cli_contract(tmp_path: Path) -> None:
         assert action in log
     entries = [json.loads(line) for line in cli(
         tmp_path, "audit", "list", "--json", "--action", "api_key.").stdout.splitlines()]
-    assert entries and {e["actor_type"] for e in entries} == {"cli"}
+    assert entries and {e["actor"]["type"] for e in entries} == {"cli"}
+    assert {e["object"] for e in entries} == {"audit_log_entry"}
     last("users", "remove", user)
     assert "revoked" in cli(tmp_path, "keys", "list", "--user", user).stdout
     last("companies", "remove", company)

@@ -66,7 +66,8 @@ PERMISSIONS = {p.name: p for p in (
        "company's, never above their own role)"),
     _p("keys.read", _ANYONE, "read keys (users: their own; company admins: their "
        "company's)"),
-    _p("keys.revoke", _ANYONE, "revoke keys (in the same scope as reading them)"),
+    _p("keys.revoke", _ANYONE, "revoke keys (in the same scope as reading them, never "
+       "those of a role above the caller's)"),
     _p("keys.manage", _ANYONE, "create, change and rotate keys (plain users: their own, "
        "with key_manager)", key_manager=True),
     _p("models.manage", (ADMIN,), "create, change and delete models; see every model"),

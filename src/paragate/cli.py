@@ -508,25 +508,22 @@ def audit() -> None:
 @click.option("--actor", help="A user id, a key's public id, or cli.")
 @click.option("--action", help="An action (api_key.revoke) or a prefix (api_key.).")
 @click.option("--target", help="A target id, or type:id (company:3).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line, as GET /api/v2/audit-log answers them.")
 def audit_list(since: str | None, actor: str | None, action: str | None,
                target: str | None, as_json: bool) -> None:
     """List audit entries, oldest first."""
-    import json
+    import msgspec
+
+    from . import views
 
     store = _store()
     found = _all_pages(lambda **kw: control.audit.list_(store, CLI, **kw),
                        since=_since(since) if since else None, actor_filter=actor,
                        action=action, target=target)
-    if as_json:
+    if as_json:  # the API's AuditEntry, one per line
         for a in found:
-            click.echo(json.dumps({"id": a.id, "created_at": a.created_at.isoformat(),
-                                   "actor_type": a.actor_type, "actor_user_id":
-                                   a.actor_user_id, "actor_key": a.actor_key,
-                                   "action": a.action, "target_type": a.target_type,
-                                   "target_id": a.target_id, "company_id": a.company_id,
-                                   "changes": a.changes, "request_id": a.request_id,
-                                   "client_addr": a.client_addr}))
+            click.echo(msgspec.json.encode(views.audit(a)).decode())
         return
     rows = [[str(a.id), a.created_at.strftime("%Y-%m-%d %H:%M:%S"),
              a.actor_type if a.actor_type == "cli" else f"user {a.actor_user_id} "

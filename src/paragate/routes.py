@@ -123,7 +123,7 @@ def _all_models(gw: Gateway, r: Request) -> bool:
     unknown = set(query) - {"all"}
     if unknown:
         raise InvalidRequest(f"Unknown query parameter '{sorted(unknown)[0][:40]}'.",
-                             param=sorted(unknown)[0][:40])
+                             param=sorted(unknown)[0][:40], code="unknown_field")
     value = query.get("all", "false").lower()
     if value not in ("true", "false", "1", "0"):
         raise InvalidRequest("'all' must be true or false.", param="all")

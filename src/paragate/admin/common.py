@@ -82,7 +82,8 @@ def query(r: Request, **allowed: type) -> dict[str, Any]:
                                keep_blank_values=True):
         kind = allowed.get(name)
         if kind is None:
-            raise InvalidRequest(f"Unknown query parameter '{name[:40]}'.", param=name[:40])
+            raise InvalidRequest(f"Unknown query parameter '{name[:40]}'.", param=name[:40],
+                                 code="unknown_field")
         if kind is int:
             if not raw.strip().lstrip("-").isdigit() or len(raw) > 18:
                 raise InvalidRequest(f"'{name}' must be an integer.", param=name,

@@ -60,7 +60,8 @@ async def update(gw: Gateway, r: Request) -> None:
     fields: dict[str, Any] = s.given(b)
     if "expires_at" in fields:
         fields["expires_at"] = _expiry(fields["expires_at"])
-    done = await run(gw, keys.update, gw.store, who, key_id, **fields)
+    done = await run(gw, keys.update, gw.store, who, key_id,
+                     max_keys=gw.settings.max_keys_per_user, **fields)
     await changed(gw)
     await reply(r, 200, views.key(done))
 

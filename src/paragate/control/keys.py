@@ -118,6 +118,15 @@ def _expiry(value: datetime | _Default | None, default_days: int, at: datetime
     return value
 
 
+def _check_room(conn: Connection, user_id: int, at: datetime, max_keys: int) -> None:
+    """409 when the user already holds ``max_keys`` active keys (built-in users are
+    exempt, so that scripts and `make run` can make keys for ever)."""
+    builtin = conn.execute(select(users.c.builtin).where(users.c.id == user_id)).scalar()
+    if builtin is None and active_key_count(conn, user_id, at) >= max_keys:
+        raise Conflict(f"The user already holds {max_keys} active keys, the most "
+                       "allowed: revoke one first.")
+
+
 def _unix(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
@@ -144,9 +153,7 @@ def create(store: Store, actor: Actor, *, name: str, user_id: int | None = None,
             owner = live_user(ch.conn, actor, target, param="user_id")
         ids = _model_ids(ch.conn, actor, owner.company_id, models)
         require_rank(actor, owner.role, "create a key for")
-        if owner.builtin is None and active_key_count(ch.conn, owner.id, ch.at) >= max_keys:
-            raise Conflict(f"The user already holds {max_keys} active keys, the most "
-                           "allowed: revoke one first.")
+        _check_room(ch.conn, owner.id, ch.at, max_keys)
         ch.conn.execute(insert(api_keys).values(
             public_id=public_id, secret_hash=secret_hash, user_id=owner.id, name=name,
             model_ids=ids, rate_limit_rpm=rate_limit_rpm, usage_opt_in=usage_opt_in,
@@ -193,9 +200,11 @@ def list_(store: Store, actor: Actor, *, user_id: int | None = None,
         return Page(_keys(conn, rows), more)
 
 
-def update(store: Store, actor: Actor, public_id: str, **changes: Any) -> Key:
+def update(store: Store, actor: Actor, public_id: str, *, max_keys: int = 5,
+           **changes: Any) -> Key:
     """Change ``name``, ``models``, ``expires_at``, ``usage_opt_in`` or
-    ``rate_limit_rpm``; only those given."""
+    ``rate_limit_rpm``; only those given. An expired key given a new expiry counts
+    against its user's ``max_keys`` again."""
     unknown = set(changes) - {"name", "models", "expires_at", "usage_opt_in",
                               "rate_limit_rpm"}
     if unknown:
@@ -227,6 +236,10 @@ def update(store: Store, actor: Actor, public_id: str, **changes: Any) -> Key:
         require_rank(actor, role_of(ch.conn, r.user_id), "change a key of")
         if r.revoked_at is not None:
             raise Conflict("A revoked key cannot be changed.")
+        if key.state == "expired" and "expires_at" in values and (
+            values["expires_at"] is None or values["expires_at"] > ch.at
+        ):  # brought back to life: it counts against the user's keys again
+            _check_room(ch.conn, r.user_id, ch.at, max_keys)
         diff = {k: v for k, v in diff.items() if v[0] != v[1]}
         if diff:
             ch.conn.execute(sql_update(api_keys).where(api_keys.c.id == r.id).values(
@@ -239,6 +252,7 @@ def revoke(store: Store, actor: Actor, public_id: str) -> Key:
     """Revoke a key, for good (revoking a revoked key changes nothing)."""
     with store.change(actor.audit_columns()) as ch:
         key = _find(ch.conn, actor, public_id)
+        require_rank(actor, role_of(ch.conn, key.record.user_id), "revoke a key of")
         if key.record.revoked_at is None:
             ch.conn.execute(sql_update(api_keys).where(api_keys.c.id == key.record.id).values(
                 revoked_at=ch.at, version=ch.version))

@@ -65,7 +65,7 @@ def _check(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
             companies.c.id.in_(ids), companies.c.deleted_at.is_(None))).scalars())
         missing = [i for i in ids if i not in live]
         if missing:
-            raise NotFound(f"No company with id {missing[0]}.", param="company_ids")
+            raise NotFound(f"No company with id {missing[0]}.", param="companies")
         values["company_ids"] = ids
     return values
 
