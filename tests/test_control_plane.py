@@ -458,3 +458,20 @@ async def test_cached_principals_follow_role_changes(
     await gateway.refresher.refresh()
     assert (await api.get("/api/v2/users", headers=auth(tenancy.plain))).status_code == 200
 
+
+
+async def test_the_gateway_stops_right_after_a_wake_up(store: Store) -> None:
+    """Regression: the refresher waited with ``asyncio.wait_for``, which on Python 3.11
+    swallows a cancellation that arrives while the event it waits on is being set; a
+    wake-up (the LISTEN thread's, on every NOTIFY) just before ``stop()`` made the
+    shutdown wait for ever."""
+    gw = await _gateway(store, refresh_interval=60)
+    await asyncio.sleep(0.3)  # idle: waiting for a wake-up
+    gw.refresher.wake()
+    await asyncio.sleep(0)  # the wake-up is applied; the refresher has not run yet
+    stopping = asyncio.create_task(gw.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=2)
+    if not done:
+        stopping.cancel()  # a second cancellation ends the old loop: no hung test run
+    await stopping
+    assert done, "Gateway.stop() did not return within 2 s"

@@ -96,10 +96,16 @@ class Refresher:
                                               name="paragate-listen")
             self._listener.start()
         try:
-            while True:
+            while not self._stopping.is_set():
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives while the event is being set, and the loop
+                # would then never end (a shutdown that hangs)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await self._wake.wait()
                 self._wake.clear()
+                if self._stopping.is_set():
+                    break
                 try:
                     await self.refresh()
                 except Exception as exc:
