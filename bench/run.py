@@ -8,6 +8,7 @@ lookup, the rate limit check, usage accounting into a SQLite store of its own.
 
     .venv/bin/python bench/run.py                 # ~3.5 minutes + the soak (10 by default)
     .venv/bin/python bench/run.py --smoke         # every step for ~1 s; prints the table only
+    .venv/bin/python bench/run.py --population DB --only idle,latency,rate   # see --help
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -210,8 +212,10 @@ def table(title: str, head: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 
 class Bench:
-    def __init__(self, plan: Plan, procs: Procs, tmp: Path, profile: bool) -> None:
+    def __init__(self, plan: Plan, procs: Procs, tmp: Path, profile: bool,
+                 population: str | None = None) -> None:
         self.plan, self.procs, self.tmp, self.profile_on = plan, procs, tmp, profile
+        self.population = population
         self.env = {**BASE_ENV, "PARAGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db"}
         self.rows: list[tuple[str, str, str, str]] = []
         self.details: list[str] = []
@@ -244,10 +248,44 @@ class Bench:
             time.sleep(0.05)
         raise RuntimeError(f"the fake upstream did not start: {proc.tail()}")
 
+    def use_population(self, path: str) -> None:
+        """The store: a copy of a pre-loaded SQLite one (bench/control_plane.py makes them);
+        the key: one of its company users' keys, rotated through the CLI to learn a secret."""
+        src = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+        dst = sqlite3.connect(self.tmp / "bench.db")
+        try:
+            src.backup(dst)  # the WAL's pages too, which a file copy could miss
+        finally:
+            src.close()
+            dst.close()
+        with contextlib.closing(sqlite3.connect(self.tmp / "bench.db")) as db:
+            n = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                 for t in ("companies", "users", "api_keys")]
+            plain = ("FROM api_keys k JOIN users u ON u.id = k.user_id WHERE u.role = 'user' "
+                     "AND NOT u.key_manager AND u.builtin IS NULL AND u.deleted_at IS NULL "
+                     "AND k.revoked_at IS NULL")
+            count = db.execute(f"SELECT count(*) {plain}").fetchone()[0]
+            row = db.execute(f"SELECT k.public_id, k.rate_limit_rpm, u.company_id {plain} "
+                             "ORDER BY k.id LIMIT 1 OFFSET ?", (count // 2,)).fetchone()
+        if row is None:
+            raise RuntimeError(f"{path} holds no active key of a plain company user")
+        public_id, rpm, company = row
+        self.key = self.paragate("keys", "rotate", public_id).strip().splitlines()[-1]
+        self.notes.append(
+            f"Population: {n[0]:,} companies, {n[1]:,} users, {n[2]:,} keys (a copy of "
+            f"`{path}`); the key is a company user's ({public_id}, company {company}, role "
+            "user, no key_manager).")
+        self.notes.append(f"Rate limit ON: the key's limit is {rpm:,} requests/minute." if rpm
+                          else "**Rate limit OFF**: the population's key has no limit.")
+
     def setup(self) -> None:
+        if self.population:
+            self.use_population(self.population)
         self.start_fake("fake-model", 0)
         self.start_fake("fake-paced", 20)
         self.start_fake("fake-hold", self.plan.hold_pace_ms)
+        if self.population:
+            return
         create = ["keys", "create", "--name", "bench"]
         if "--rate-limit-rpm" in self.paragate("keys", "create", "--help"):
             create += ["--rate-limit-rpm", "1000000000"]
@@ -654,6 +692,10 @@ def parse() -> argparse.Namespace:
                     "under wrk at the best concurrency, into bench/profiles/")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (the "
                     "store, every process's output)")
+    ap.add_argument("--population", metavar="DB", help="run on a copy of this SQLite store, "
+                    "pre-loaded with companies, users and keys (bench/control_plane.py), with "
+                    "one of its company users' keys instead of a fresh one; writes a file "
+                    "only if --out is given")
     return ap.parse_args()
 
 
@@ -674,7 +716,8 @@ def main() -> int:
                 holds=ints(args.holds or ("100" if s else "1000,5000,10000")),
                 hold_pace_ms=args.hold_pace_ms or (20 if s else 1000),
                 hold_ramp_s=0.3 if s else 10.0)
-    out = args.out or (None if s or args.only else str(ROOT / "docs" / "benchmarks.md"))
+    out = args.out or (None if s or args.only or args.population
+                       else str(ROOT / "docs" / "benchmarks.md"))
     load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     say(f"paragate benchmark ({'smoke' if s else 'full'}); load average {load}")
     for tool in ("wrk", "taskset", str(BIN / "paragate")):
@@ -687,7 +730,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="paragate-bench-"))
     pin = {0, 1} <= os.sched_getaffinity(0)
     procs = Procs(tmp, pin)
-    bench = Bench(plan, procs, tmp, args.profile)
+    bench = Bench(plan, procs, tmp, args.profile, args.population)
     if not pin:
         bench.notes.append("**Nothing pinned**: cores 0 and 1 are not both available here.")
     try:
