@@ -380,6 +380,8 @@ async def test_no_secret_anywhere(tmp_path: Path, fake: FakeVLLM) -> None:
     places = {"answers": "\n".join(answers), "log": gateway.log.read_text(),
               "audit and usage rows": stored}
     assert "api_key.rotate" in stored and "GET /api/v2/models" in places["log"]
+    assert "paragate ready" in places["log"]  # paragate's own lines are there too
+    assert "applied config version" in places["log"]
     for where, found in places.items():
         for secret in secrets:
             for part in (secret, secret.split("-", 2)[-1]):

@@ -4,7 +4,8 @@ Tiers: lint (ruff, mypy strict on src/), then pytest's in-process and real-serve
 (SQLite and PostgreSQL), then the end-to-end tier against real vLLM (which installs
 vLLM's CPU build into its own cached venv on first use), then the benchmark in its smoke
 mode (every step for about a second, no thresholds: it only proves the benchmark still
-runs). `--fast` skips the last two.
+runs), and bench/control_plane.py's smoke mode likewise. `--fast` skips the real-vLLM
+tier and the benchmarks.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> int:
         if _have_wrk():
             tiers.append(("benchmark: smoke run (bench/run.py --smoke)",
                           [sys.executable, "bench/run.py", "--smoke"]))
+            tiers.append(("benchmark: control plane at scale, smoke run "
+                          "(bench/control_plane.py --smoke)",
+                          [sys.executable, "bench/control_plane.py", "--smoke"]))
     timings = []
     failed = []
     for name, command in tiers:

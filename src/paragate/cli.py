@@ -9,6 +9,7 @@ is reported as one line on stderr with a non-zero exit, never as a traceback.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -95,6 +96,10 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
     settings = _settings(host=host, port=port, workers=workers)
     Store(settings.database_url).migrate()  # once, before the workers start
+    # uvicorn configures its own loggers only: paragate's go to the same handler
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["paragate"] = {"handlers": ["default"], "propagate": False,
+                                         "level": settings.log_level.upper()}
     uvicorn.run(
         "paragate.app:create_app",
         factory=True,
@@ -105,6 +110,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         http="httptools",
         lifespan="on",
         log_level=settings.log_level,
+        log_config=log_config,
         access_log=settings.access_log,
         server_header=False,
         proxy_headers=False,  # paragate reads X-Forwarded-For itself, from trusted proxies

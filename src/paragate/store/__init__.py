@@ -192,7 +192,11 @@ class Store:
             version = int(conn.execute(select(config_state.c.version)).scalar_one())
 
             def rows(table: Any, convert: Callable[[RowMapping], Any]) -> tuple[Any, ...]:
-                query = select(table).where(table.c.version > since).order_by(table.c.id)
+                # ordered by version first: ordered by id, SQLite would walk the whole
+                # table in id order rather than search the version index (20 ms per
+                # change at 200,000 keys instead of 0.2)
+                query = select(table).where(table.c.version > since).order_by(
+                    table.c.version, table.c.id)
                 return tuple(convert(r) for r in conn.execute(query).mappings())
 
             return Changes(
