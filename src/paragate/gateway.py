@@ -31,10 +31,8 @@ def _give_back_freed_memory() -> None:
     """Loading the view makes and drops hundreds of MB of rows (the driver's buffers,
     SQLAlchemy's rows, the records' dicts); glibc keeps freed memory in its arenas
     unless asked to return it. Linux with glibc only; elsewhere nothing happens."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
