@@ -50,10 +50,9 @@ from run import (
     Procs,
     free_port,
     judge,
-    machine,
+    report_head,
     rss_mb,
     say,
-    versions,
 )
 from sqlalchemy import create_engine, func, insert, select, text, update
 from sqlalchemy.engine import make_url
@@ -605,20 +604,13 @@ def run(args: argparse.Namespace, r: Report, tmp: Path, procs: Procs) -> None:
 
 
 def render(r: Report, command: str, load_avg: str, took: float, smoke: bool) -> str:
-    lines = [SECTION, "", "From one run of `bench/control_plane.py`: a population of "
-             "companies, users and keys loaded into a fresh store, then the gateway "
-             "(`paragate serve`, one worker pinned to core 0) started on it, changed under it, "
-             "and measured in-process (this program on core 1). MB = 10^6 bytes, KB = 1,000 "
-             "bytes.", "", f"- Command: `{command}`",
-             f"- Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {took:.0f} s",
-             f"- Machine: {machine()}; load average at the start {load_avg}, at the end "
-             "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
-             f"- Versions: {versions()}", *(f"- {n}" for n in r.notes)]
-    if smoke:
-        lines.append("- **Smoke run**: tiny population, every step about a second; the "
-                     "figures are not measurements.")
-    lines += ["", "| Figure | Measured | Target | Result |", "|---|---|---|---|",
-              *(f"| {' | '.join(x.replace('|', '/') for x in row)} |" for row in r.rows),
+    lines = report_head(
+        SECTION, "From one run of `bench/control_plane.py`: a population of companies, "
+        "users and keys loaded into a fresh store, then the gateway (`paragate serve`, one "
+        "worker pinned to core 0) started on it, changed under it, and measured in-process "
+        "(this program on core 1). MB = 10^6 bytes, KB = 1,000 bytes.", command, load_avg,
+        took, r.notes, "tiny population, every step about a second" if smoke else None)
+    lines += [*(f"| {' | '.join(x.replace('|', '/') for x in row)} |" for row in r.rows),
               *r.details, ""]
     return "\n".join(lines)
 

@@ -645,20 +645,28 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB memory, Linux {platform.release()}"
 
 
-def render(b: Bench, command: str, load: str, took: float, smoke: bool) -> str:
-    lines = ["# Benchmarks", "", "From one run of `bench/run.py` (issue 4). The gateway: one "
-             "worker pinned to core 0, everything ON (authentication, model lookup, rate limit "
-             "check, usage accounting to SQLite); the fake vLLM upstream and the load driver "
-             "pinned to core 1. *Added* = through paragate - direct to the fake upstream. "
-             "MB = 10^6 bytes.", "", f"- Command: `{command}`",
+def report_head(title: str, intro: str, command: str, load: str, took: float,
+                notes: Sequence[str], smoke: str | None) -> list[str]:
+    """The lines that open a report: what ran, when, where, with which versions, and
+    the start of its table of figures (``smoke``: why its figures are no measurements)."""
+    lines = [title, "", intro, "", f"- Command: `{command}`",
              f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {took:.0f} s",
              f"- Machine: {machine()}; load average at the start {load}, at the end "
              "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
-             f"- Versions: {versions()}", *(f"- {n}" for n in b.notes)]
+             f"- Versions: {versions()}", *(f"- {n}" for n in notes)]
     if smoke:
-        lines.append("- **Smoke run**: every step ran for about a second; the figures are "
-                     "not measurements.")
-    lines += ["", "| Figure | Measured | Target | Result |", "|---|---|---|---|"]
+        lines.append(f"- **Smoke run**: {smoke}; the figures are not measurements.")
+    return [*lines, "", "| Figure | Measured | Target | Result |", "|---|---|---|---|"]
+
+
+def render(b: Bench, command: str, load: str, took: float, smoke: bool) -> str:
+    lines = report_head(
+        "# Benchmarks", "From one run of `bench/run.py` (issue 4). The gateway: one "
+        "worker pinned to core 0, everything ON (authentication, model lookup, rate limit "
+        "check, usage accounting to SQLite); the fake vLLM upstream and the load driver "
+        "pinned to core 1. *Added* = through paragate - direct to the fake upstream. "
+        "MB = 10^6 bytes.", command, load, took, b.notes,
+        "every step ran for about a second" if smoke else None)
     lines += [f"| {' | '.join(r)} |" for r in b.rows]
     return "\n".join([*lines, "", "## Details", *b.details, ""])
 
