@@ -671,6 +671,18 @@ def render(b: Bench, command: str, load: str, took: float, smoke: bool) -> str:
     return "\n".join([*lines, "", "## Details", *b.details, ""])
 
 
+def kept_sections(path: Path, report: str) -> str:
+    """The ``## `` sections of the file being replaced that this report does not write
+    (another program's, such as bench/control_plane.py's, or written by hand), so that a
+    full run replaces its own figures and nothing else."""
+    if not path.exists():
+        return ""
+    ours = set(re.findall(r"^## .*$", report, re.M))
+    parts = re.split(r"(?=^## )", path.read_text(), flags=re.M)[1:]
+    kept = [p.rstrip() + "\n" for p in parts if p.splitlines()[0] not in ours]
+    return "".join("\n" + p for p in kept)
+
+
 def raise_nofile() -> None:
     """Soft limit = hard (as root, both to 65536 at least); the children inherit it."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -758,7 +770,7 @@ def main() -> int:
                     time.monotonic() - started, s)
     print(report)
     if out:
-        Path(out).write_text(report)
+        Path(out).write_text(report + kept_sections(Path(out), report))
         say(f"wrote {out}")
     say(f"done in {time.monotonic() - started:.0f} s" + (
         f"; steps that could not run: {', '.join(bench.failed)}" if bench.failed else ""))
