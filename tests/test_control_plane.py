@@ -291,6 +291,10 @@ async def test_models_per_company(api: httpx.AsyncClient, tenancy: Tenancy,
     assert (await complete(api, tenancy.user)).status_code == 200
     r = await api.get("/api/v2/models?all=true", headers=auth(tenancy.user))
     assert_envelope(r, 403, "permission_denied")
+    r = await api.get("/api/v2/models?all=maybe", headers=auth(tenancy.root))
+    assert_envelope(r, 400, "invalid_type", "all")
+    r = await api.get("/api/v2/models/alfred-4.2?colour=red", headers=auth(tenancy.root))
+    assert_envelope(r, 400, "unknown_field", "colour")
 
 
 async def test_models_configuration_is_for_system_admins_only(

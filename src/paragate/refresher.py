@@ -50,7 +50,6 @@ class Refresher:
         self._listener: threading.Thread | None = None
         self._failing_since: float | None = None
         self._reported_at = 0.0
-        self.applied = 0  # rows applied since start (after the first load)
 
     async def load(self) -> None:
         """The whole view, built in the thread and swapped in at once."""
@@ -76,7 +75,6 @@ class Refresher:
             for piece in slices(changes):
                 registry.apply(piece)
                 await asyncio.sleep(0)  # let requests through between slices
-            self.applied += changes.rows
             log.info("applied config version %d (%d changed rows)", registry.version,
                      changes.rows)
             return changes.rows

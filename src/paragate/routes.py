@@ -7,7 +7,6 @@ import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -15,13 +14,13 @@ from . import views
 from .access import ADMIN, PERMISSIONS, require
 from .asgi import Receive, header, read_body, request_id, send_json
 from .auth import Principal
-from .errors import GatewayError, InvalidRequest, ModelNotFound
+from .errors import GatewayError, ModelNotFound
 from .gateway import Gateway
 from .openapi import document
 from .protocol import parse_request
 from .proxy import Exchange, Target, relay_json, relay_stream
 from .registry import Route
-from .routing import Endpoint, Request, Table
+from .routing import Endpoint, Request, Table, query
 from .schemas import ModelList
 from .store import UsageRecord
 
@@ -117,17 +116,9 @@ def _record(gw: Gateway, who: Principal, route: Route, stream: bool, ex: Exchang
     ))
 
 
-def _all_models(gw: Gateway, r: Request) -> bool:
+def _all_models(r: Request) -> bool:
     """Whether ``?all=true`` asks for every configured model (system admins only)."""
-    query = dict(parse_qsl(r.scope.get("query_string", b"").decode("latin-1")))
-    unknown = set(query) - {"all"}
-    if unknown:
-        raise InvalidRequest(f"Unknown query parameter '{sorted(unknown)[0][:40]}'.",
-                             param=sorted(unknown)[0][:40], code="unknown_field")
-    value = query.get("all", "false").lower()
-    if value not in ("true", "false", "1", "0"):
-        raise InvalidRequest("'all' must be true or false.", param="all")
-    if value in ("true", "1"):
+    if query(r, all=bool).get("all", False):
         require(r.caller, PERMISSIONS["models.manage"])
         return True
     return False
@@ -136,14 +127,14 @@ def _all_models(gw: Gateway, r: Request) -> bool:
 async def list_models(gw: Gateway, r: Request) -> None:
     config = r.caller.role == ADMIN
     routes = (sorted(gw.registry.catalog.values(), key=lambda m: m.name)
-              if _all_models(gw, r) else gw.registry.usable(r.caller))
+              if _all_models(r) else gw.registry.usable(r.caller))
     data = [views.model(route, config) for route in routes]
     await send_json(r.send, 200, msgspec.json.encode(views.listing(ModelList, data)))
 
 
 async def get_model(gw: Gateway, r: Request) -> None:
     name = r.path_param
-    if _all_models(gw, r):
+    if _all_models(r):
         route = next((m for m in gw.registry.catalog.values() if m.name == name), None)
         if route is None:
             raise ModelNotFound(name)

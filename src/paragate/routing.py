@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 from .access import Permission
 from .asgi import Receive, Scope, Send
 from .auth import Principal
+from .errors import InvalidRequest
 
 if TYPE_CHECKING:
     from .gateway import Gateway
 
-__all__ = ["Endpoint", "Handler", "Request", "Router", "Table"]
+__all__ = ["Endpoint", "Handler", "Request", "Router", "Table", "query"]
 
 
 @dataclass(slots=True)
@@ -33,6 +35,30 @@ class Request:
     def caller(self) -> Principal:
         assert self.principal is not None, "an authenticated route"
         return self.principal
+
+
+def query(r: Request, **allowed: type) -> dict[str, Any]:
+    """The query parameters, each one of ``allowed`` (by name) and of its type."""
+    out: dict[str, Any] = {}
+    for name, raw in parse_qsl(r.scope.get("query_string", b"").decode("latin-1"),
+                               keep_blank_values=True):
+        kind = allowed.get(name)
+        if kind is None:
+            raise InvalidRequest(f"Unknown query parameter '{name[:40]}'.", param=name[:40],
+                                 code="unknown_field")
+        if kind is int:
+            if not raw.strip().lstrip("-").isdigit() or len(raw) > 18:
+                raise InvalidRequest(f"'{name}' must be an integer.", param=name,
+                                     code="invalid_type")
+            out[name] = int(raw)
+        elif kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise InvalidRequest(f"'{name}' must be true or false.", param=name,
+                                     code="invalid_type")
+            out[name] = raw.lower() in ("true", "1")
+        else:
+            out[name] = raw
+    return out
 
 
 Handler = Callable[["Gateway", Request], Awaitable[None]]

@@ -7,8 +7,8 @@ from .. import views
 from ..control import audit as audit_log
 from ..control.common import from_unix
 from ..gateway import Gateway
-from ..routing import Request
-from .common import actor, query, reply, run
+from ..routing import Request, query
+from .common import actor, reply, run
 
 __all__ = ["list_", "me"]
 

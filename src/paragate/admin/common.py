@@ -1,4 +1,4 @@
-"""What the admin handlers share: the actor of a request, its query and body, running a
+"""What the admin handlers share: the actor of a request, its body, running a
 control operation off the event loop, and the answer."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import re
 from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -17,7 +16,7 @@ from ..errors import InvalidRequest, UnsupportedMediaType
 from ..gateway import Gateway
 from ..routing import Request
 
-__all__ = ["actor", "body", "changed", "client_addr", "path_int", "query", "reply", "run"]
+__all__ = ["actor", "body", "changed", "client_addr", "path_int", "reply", "run"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -73,30 +72,6 @@ def actor(gw: Gateway, r: Request) -> Actor:
     return Actor(kind="user", role=who.role, user_id=who.user_id, company_id=who.company_id,
                  key_manager=who.key_manager, key_public_id=who.public_id,
                  request_id=request_id(), client_addr=client_addr(gw, r))
-
-
-def query(r: Request, **allowed: type) -> dict[str, Any]:
-    """The query parameters, each one of ``allowed`` (by name) and of its type."""
-    out: dict[str, Any] = {}
-    for name, raw in parse_qsl(r.scope.get("query_string", b"").decode("latin-1"),
-                               keep_blank_values=True):
-        kind = allowed.get(name)
-        if kind is None:
-            raise InvalidRequest(f"Unknown query parameter '{name[:40]}'.", param=name[:40],
-                                 code="unknown_field")
-        if kind is int:
-            if not raw.strip().lstrip("-").isdigit() or len(raw) > 18:
-                raise InvalidRequest(f"'{name}' must be an integer.", param=name,
-                                     code="invalid_type")
-            out[name] = int(raw)
-        elif kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise InvalidRequest(f"'{name}' must be true or false.", param=name,
-                                     code="invalid_type")
-            out[name] = raw.lower() in ("true", "1")
-        else:
-            out[name] = raw
-    return out
 
 
 def path_int(r: Request, what: str) -> int:

@@ -12,8 +12,8 @@ from ..control import keys
 from ..control.common import from_unix
 from ..errors import NotFound
 from ..gateway import Gateway
-from ..routing import Request
-from .common import actor, body, changed, query, reply, run
+from ..routing import Request, query
+from .common import actor, body, changed, reply, run
 
 __all__ = ["create", "list_", "retrieve", "revoke", "rotate", "update"]
 

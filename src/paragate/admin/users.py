@@ -7,8 +7,8 @@ from .. import schemas as s
 from .. import views
 from ..control import users
 from ..gateway import Gateway
-from ..routing import Request
-from .common import actor, body, changed, path_int, query, reply, run
+from ..routing import Request, query
+from .common import actor, body, changed, path_int, reply, run
 
 __all__ = ["create", "delete", "list_", "retrieve", "update"]
 
