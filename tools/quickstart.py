@@ -112,7 +112,11 @@ def main() -> int:
                                     builtin=SYSTEM_ADMIN).secret
         store.close()
         env = {**os.environ, "PARAGATE_PORT": str(settings.port)}
-        gateway = subprocess.Popen([sys.executable, "-m", "paragate", "serve"], env=env)
+        # A session of its own: Ctrl-C reaches only this script, which then asks the
+        # gateway to stop once. Two SIGINTs (the terminal's and ours) make uvicorn exit
+        # at once, skipping the shutdown that writes pending usage records.
+        gateway = subprocess.Popen([sys.executable, "-m", "paragate", "serve"], env=env,
+                                   start_new_session=True)
         base = f"http://{settings.host}:{settings.port}"
         _wait_http(base + "/health", gateway, 30)
         print(f"""
