@@ -32,7 +32,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "PARAGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 FAKE_BEHAVIOURS = ("slow", "hang", "drop", "error-event", "status-400", "status-404",
-                   "status-500", "status-503", "garbage", "unauthorized")
+                   "status-500", "status-503", "garbage", "unauthorized", "gated")
 
 
 _KEY = re.compile(r"pg-[0-9a-f]{12}-[A-Za-z0-9_-]{20,}")
@@ -92,8 +92,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     # leave the database empty for the next test
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS usage_records, audit_log, api_keys, users, "
-                          "models, companies, config_state, alembic_version CASCADE"))
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
 
 
@@ -186,8 +186,9 @@ def keys(store: Store, fake: FakeVLLM) -> Keys:
 
 
 @pytest.fixture
-async def gateway(store: Store, keys: Keys) -> AsyncIterator[Gateway]:
-    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url)), store)
+async def gateway(store: Store, keys: Keys, tmp_path: Path) -> AsyncIterator[Gateway]:
+    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url),
+                                             journal_dir=str(tmp_path / "journal")), store)
     await gw.start()
     yield gw
     await gw.stop()

@@ -12,7 +12,13 @@ The served model name picks the behaviour, so one fake serves every case:
 ``status-400``     answers 400 with vLLM's error body (any ``status-NNN``)
 ``garbage``        answers 200 with a body that is not JSON
 ``unauthorized``   answers 401 as vLLM does when the upstream API key is wrong
+``gated``          streams every text chunk, then waits for ``FakeVLLM.gate`` before
+                   the usage chunk and ``[DONE]``
 =================  ==========================================================
+
+Streams follow vLLM 0.32: ``stream_options.include_usage`` adds the usage chunk (and
+moves ``system_fingerprint`` from each choice's last chunk to it), ``continuous_usage_stats``
+with it adds running usage to every chunk; ``n`` choices are interleaved.
 
 Every request body is kept in ``FakeVLLM.requests``; ``FakeVLLM.closed_early`` counts
 streams whose client went away before the end.
@@ -41,6 +47,7 @@ class FakeVLLM:
         self.requests: list[dict[str, Any]] = []
         self.closed_early = 0
         self.connections = 0
+        self.gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -92,21 +99,30 @@ class FakeVLLM:
                 "choices": [{"index": 0, "text": " tok" * n_tokens, "logprobs": None,
                              "finish_reason": "length", "stop_reason": None,
                              "prompt_logprobs": None}],
-                "usage": usage, "service_tier": None, "system_fingerprint": None,
+                "usage": usage, "service_tier": None, "system_fingerprint": FINGERPRINT,
                 "kv_transfer_params": None,
             }), content_type="application/json")
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
-        include_usage = (body.get("stream_options") or {}).get("include_usage")
+        options = body.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage"))
+        running = include_usage and bool(options.get("continuous_usage_stats"))
+        n = int(body.get("n") or 1)
+        usage["completion_tokens"] = n_tokens * n
+        usage["total_tokens"] = 3 + n_tokens * n
         try:
             for i in range(n_tokens):
                 last = i == n_tokens - 1
-                chunk: dict[str, Any] = {**base, "choices": [{
-                    "index": 0, "text": f" t{i}", "logprobs": None,
-                    "finish_reason": "length" if last else None, "stop_reason": None}]}
-                if last and not include_usage:  # as vLLM 0.32 does
-                    chunk["system_fingerprint"] = FINGERPRINT
-                await response.write(b"data: " + _dumps(chunk) + b"\n\n")
+                for choice in range(n):
+                    chunk: dict[str, Any] = {**base, "choices": [{
+                        "index": choice, "text": f" t{i}", "logprobs": None,
+                        "finish_reason": "length" if last else None, "stop_reason": None}]}
+                    if running:
+                        chunk["usage"] = {"prompt_tokens": 3, "total_tokens": 3 + i + 1,
+                                          "completion_tokens": i + 1}
+                    if last and not include_usage:  # as vLLM 0.32 does
+                        chunk["system_fingerprint"] = FINGERPRINT
+                    await response.write(b"data: " + _dumps(chunk) + b"\n\n")
                 if model == "slow":
                     await asyncio.sleep(0.05)
                 if model == "drop" and i == 1:
@@ -119,9 +135,12 @@ class FakeVLLM:
                     await response.write(b"data: " + _dumps(error) + b"\n\n")
                     await response.write(b"data: [DONE]\n\n")
                     return response
+            if model == "gated":
+                await self.gate.wait()
             if include_usage:
-                final = {**base, "choices": [], "usage": usage,
-                         "system_fingerprint": FINGERPRINT}
+                final = {**base, "choices": [], "usage": {
+                    k: v for k, v in usage.items() if k != "prompt_tokens_details"},
+                    "system_fingerprint": FINGERPRINT}
                 await response.write(b"data: " + _dumps(final) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):

@@ -52,7 +52,8 @@ def start_gateway(log_dir: Path, database_url: str, **settings: str) -> GatewayP
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARAGATE_")}
     env.update({"PARAGATE_DATABASE_URL": database_url, "PARAGATE_REFRESH_INTERVAL": "0.2",
-                "PARAGATE_USAGE_FLUSH_INTERVAL": "0.1", **settings})
+                "PARAGATE_USAGE_FLUSH_INTERVAL": "0.1", "PARAGATE_SHUTDOWN_DELAY": "0",
+                "PARAGATE_JOURNAL_DIR": str(log_dir / f"journal-{port}"), **settings})
     log = log_dir / f"gateway-{port}.log"
     LOGS.append(log)
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
@@ -85,6 +86,10 @@ class TcpProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # lose_answer_after(): the next client message holding these bytes is delivered,
+        # then every connection is cut before the server's answer gets back
+        self.drop_after: bytes | None = None
+        self.dropped = 0
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self.up()
@@ -92,16 +97,28 @@ class TcpProxy:
     def _call(self, coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    outbound: bool = False) -> None:
         try:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+                if outbound and self.drop_after is not None and self.drop_after in data:
+                    # the server gets the request (a COMMIT, say) and acts on it; its
+                    # answer never reaches the client
+                    self.drop_after, self.dropped = None, self.dropped + 1
+                    await asyncio.sleep(0.3)
+                    self._loop.create_task(self._cut_connections())
+                    return
         except OSError:
             pass
         finally:
             writer.close()
+
+    async def _cut_connections(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
 
     async def _handle(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
@@ -112,7 +129,8 @@ class TcpProxy:
             return
         pair = {writer, up_writer}
         self._writers |= pair
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(self._pipe(reader, up_writer, outbound=True),
+                             self._pipe(up_reader, writer))
         self._writers -= pair
 
     async def _listen(self) -> None:
@@ -126,6 +144,9 @@ class TcpProxy:
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
+
+    def lose_answer_after(self, marker: bytes) -> None:
+        self.drop_after = marker
 
     def up(self) -> None:
         self._call(self._listen())

@@ -191,6 +191,8 @@ ENDPOINTS: list[tuple[Any, ...]] = [
     ("DELETE", "/api/v2/models/{model}", None, ALL, NEVER, NEVER, NEVER, NEVER),
     ("GET", "/api/v2/audit-log", None, 200, 200, 403, 403, 403),
     ("GET", "/api/v2/me", None, 200, 200, 200, 200, 200),
+    # every role reports; the scope narrows what it covers (tests/test_reporting.py)
+    ("GET", "/api/v2/reporting/usage", None, 200, 200, 200, 200, 200),
 ]
 
 

@@ -22,7 +22,7 @@ PROTECTED = [(p, m) for p, methods in ROUTES.items() for m in methods if p not i
 
 
 def test_public_routes_are_few_and_known() -> None:
-    assert set(PUBLIC_PATHS) == {"/health", "/api/v2/openapi.json"}
+    assert set(PUBLIC_PATHS) == {"/health", "/ready", "/api/v2/openapi.json"}
     assert set(PUBLIC_PATHS) <= set(ROUTES)
     assert len(PROTECTED) >= 3
 

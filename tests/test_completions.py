@@ -76,15 +76,19 @@ async def test_stream_relayed_and_usage_chunk_dropped_unless_asked(
     chunks = [json.loads(e) for e in events[:-1]]
     assert [c["choices"][0]["text"] for c in chunks] == [" t0", " t1", " t2"]
     assert {c["model"] for c in chunks} == {"alfred-4.2"}
-    # paragate asked vLLM for usage on its own behalf, and kept that chunk to itself
-    assert fake.requests[-1]["stream_options"] == {"include_usage": True}
+    # paragate asked vLLM for usage on its own behalf (running and final), and kept it
+    assert fake.requests[-1]["stream_options"] == {"include_usage": True,
+                                                   "continuous_usage_stats": True}
+    assert all("usage" not in c for c in chunks)
 
 
 async def test_stream_identical_to_what_vllm_sends_the_client(
     client: httpx.AsyncClient, keys: Keys, fake: FakeVLLM
 ) -> None:
-    """The usage paragate asks for on its own behalf leaves no trace in the stream:
-    vLLM's fingerprint goes back on the last chunk, the usage chunk is dropped."""
+    """The usage paragate asks for on its own behalf leaves no trace in the stream: the
+    running usage leaves every chunk, vLLM's fingerprint goes back on the last chunk
+    (known from the upstream's first answer), the usage chunk is dropped."""
+    await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=1)
     r = await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=3,
                    stream=True)
     async with httpx.AsyncClient() as direct_client:

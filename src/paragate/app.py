@@ -41,6 +41,7 @@ ROUTES = _merge(routes.ROUTES, admin.ROUTES)
 # Routes answered without a key, and why. Everything else requires one.
 PUBLIC_PATHS: dict[str, str] = {
     "/health": "load balancers and orchestrators probe liveness without credentials",
+    "/ready": "load balancers probe readiness (503 while draining) without credentials",
     "/api/v2/openapi.json": "the API's description holds no data and helps clients integrate",
 }
 _ROUTER = Router(ROUTES)
@@ -100,6 +101,7 @@ class App:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.gateway.shutdown.install()  # around uvicorn's signal handlers
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.gateway.stop()

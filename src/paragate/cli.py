@@ -10,9 +10,11 @@ is reported as one line on stderr with a non-zero exit, never as a traceback.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -115,6 +117,10 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         server_header=False,
         proxy_headers=False,  # paragate reads X-Forwarded-For itself, from trusted proxies
         date_header=False,
+        # paragate's own sequence (shutdown.py) ends streams at shutdown_timeout; this is
+        # uvicorn's backstop for whatever is still running a little after that
+        timeout_graceful_shutdown=math.ceil(max(
+            settings.shutdown_timeout - settings.shutdown_delay, 0)) + 2,
     )
 
 
@@ -536,6 +542,63 @@ def audit_list(since: str | None, actor: str | None, action: str | None,
              f"({a.actor_key})", a.action, f"{a.target_type}:{a.target_id}",
              ", ".join(f"{k}={v[1]!r}" for k, v in a.changes.items())[:80]] for a in found]
     _table(rows, ["ID", "TIME", "ACTOR", "ACTION", "TARGET", "CHANGES"])
+
+
+@cli.group()
+def usage() -> None:
+    """Usage reports, and re-importing records the database refused."""
+
+
+@usage.command("report")
+@click.option("--by", "by", help="Group by any of company,user,key,model (comma-separated).")
+@click.option("--bucket", type=click.Choice(["hour", "day", "month"]), default="day",
+              show_default=True)
+@click.option("--since", help="From this UTC date or date-time (default: 30 days back).")
+@click.option("--until", help="Up to this UTC date or date-time, exclusive (default: the "
+              "end of today).")
+@click.option("--company", type=int, help="Only this company id.")
+@click.option("--user", type=int, help="Only this user id.")
+@click.option("--key", help="Only this key (its public id).")
+@click.option("--model", help="Only this model name.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]),
+              default="table", show_default=True)
+def usage_report(by: str | None, bucket: str, since: str | None, until: str | None,
+                 company: int | None, user: int | None, key: str | None,
+                 model: str | None, fmt: str) -> None:
+    """Requests, errors, tokens and latency per bucket (UTC), as
+    GET /api/v2/reporting/usage answers them."""
+    import msgspec
+
+    q, key_id = control.usage.query(start_date=since, end_date=until, bucket=bucket,
+                                    group_by=by, company_id=company, user_id=user,
+                                    key_id=key, model=model)
+    data = control.usage.report(_store(), CLI, q, key_id)
+    if fmt == "json":
+        click.echo(msgspec.json.encode(
+            {"object": "list", "data": data, "has_more": False}).decode())
+    elif fmt == "csv":
+        click.echo(control.usage.to_csv(data, q.group_by), nl=False)
+    elif data:
+        click.echo(control.usage.to_table(data, q.group_by))
+    else:
+        click.echo("no usage in this range", err=True)
+
+
+@usage.command("replay")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def usage_replay(file: Path | None) -> None:
+    """Re-import a dead-letter file (default: the journal directory's
+    dead-letter.jsonl). Records already there are skipped; those that still fail stay."""
+    from .usage import DeadLetters
+
+    path = file or _settings().journal_path() / "dead-letter.jsonl"
+    if not path.exists():
+        raise click.ClickException(f"{path} does not exist")
+    written, present, failing = DeadLetters(path).replay(_store())
+    click.echo(f"{written} written, {present} already there, {failing} still failing "
+               f"(kept in {path})")
+    if failing:
+        sys.exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -91,7 +91,41 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "usage_flush_interval",
         0.1,
-        "Seconds between batched writes of usage records to the store.",
+        "Seconds between batched writes of usage records from the journal to the store.",
+    ),
+    Setting(
+        "journal_dir",
+        "",
+        "Directory of the usage journal (each record is on disk there before its "
+        "response ends). Several gateway processes may share it. Empty: `<name>.usage` "
+        "beside the SQLite store, else `paragate.usage` in the working directory.",
+    ),
+    Setting(
+        "journal_fsync",
+        "interval",
+        "When the journal is flushed to disk: `always` (before each response ends), "
+        "`interval` (every `journal_fsync_interval` seconds: a power cut loses at most "
+        "that much) or `never` (the kernel decides; a crash of paragate still loses "
+        "nothing).",
+    ),
+    Setting("journal_fsync_interval", 0.1, "Seconds between fsyncs in `interval` mode."),
+    Setting(
+        "usage_retention_days",
+        90,
+        "Days raw usage records are kept (0: for ever); the hourly and daily sums that "
+        "reports read are kept for ever.",
+    ),
+    Setting(
+        "shutdown_delay",
+        5.0,
+        "Seconds between SIGTERM and closing the listener, while `/ready` answers 503 so "
+        "that a load balancer stops sending (skipped on Ctrl-C).",
+    ),
+    Setting(
+        "shutdown_timeout",
+        30.0,
+        "Seconds after SIGTERM that requests in flight may take to finish; streams still "
+        "open then end with an error event and a partial usage record.",
     ),
     Setting(
         "default_key_days",
@@ -150,10 +184,28 @@ class Settings:
     refresh_interval: float = 0.25
     max_view_age: float = 0.0
     usage_flush_interval: float = 0.1
+    journal_dir: str = ""
+    journal_fsync: str = "interval"
+    journal_fsync_interval: float = 0.1
+    usage_retention_days: int = 90
+    shutdown_delay: float = 5.0
+    shutdown_timeout: float = 30.0
     default_key_days: int = 180
     max_keys_per_user: int = 5
     key_rotation_grace: int = 86400
     trusted_proxies: str = ""
+
+    def journal_path(self) -> Path:
+        """The journal's directory: the setting, or beside the SQLite store."""
+        if self.journal_dir:
+            return Path(self.journal_dir)
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            db = Path(url.database or "")
+            return db.with_name(db.stem + ".usage")
+        return Path("paragate.usage")
 
     def proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
         return tuple(ip_network(n.strip(), strict=False)
@@ -196,17 +248,20 @@ def _check(settings: Settings) -> Settings:
     if settings.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
     for name in ("port", "workers", "max_body_bytes", "upstream_max_connections",
-                 "max_view_age", "default_key_days", "key_rotation_grace"):
+                 "max_view_age", "default_key_days", "key_rotation_grace",
+                 "usage_retention_days", "shutdown_delay", "shutdown_timeout"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
     if settings.workers < 1:
         raise ConfigError("workers: must be at least 1")
     for name in ("upstream_connect_timeout", "upstream_read_timeout", "refresh_interval",
-                 "usage_flush_interval"):
+                 "usage_flush_interval", "journal_fsync_interval"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")
     if 0 < settings.max_view_age <= settings.refresh_interval:
         raise ConfigError("max_view_age: must be 0 or longer than refresh_interval")
+    if settings.journal_fsync not in ("always", "interval", "never"):
+        raise ConfigError("journal_fsync: expected always, interval or never")
     if settings.max_keys_per_user < 1:
         raise ConfigError("max_keys_per_user: must be at least 1")
     try:

@@ -21,6 +21,7 @@ Hierarchy::
     ├── Conflict                      409 invalid_request_error / conflict
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded
     ├── ViewTooOld                    503 server_error / control_plane_unavailable
+    ├── ShuttingDown                  503 server_error / shutting_down
     ├── UpstreamRejected              4xx (vLLM's status, type and message) / upstream_error
     ├── UpstreamFailed                502 upstream_error / upstream_error
     ├── UpstreamUnavailable           503 upstream_error / upstream_unavailable
@@ -44,6 +45,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RequestTooLarge",
+    "ShuttingDown",
     "UnsupportedMediaType",
     "UpstreamFailed",
     "UpstreamRejected",
@@ -164,6 +166,15 @@ class ViewTooOld(GatewayError):
     status = 503
     type = "server_error"
     default_code = "control_plane_unavailable"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "server_error"
+    default_code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway is shutting down; retry the request.")
 
 
 class RateLimited(GatewayError):

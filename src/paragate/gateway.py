@@ -18,9 +18,10 @@ from .config import Settings
 from .limits import RateLimiter
 from .refresher import Refresher
 from .registry import Registry
+from .shutdown import Shutdown
 from .store import Store
 from .upstream import Upstreams
-from .usage import KeyTouches, UsageRecorder
+from .usage import Journal, KeyTouches, UsageWriter
 
 __all__ = ["Gateway"]
 
@@ -42,12 +43,14 @@ class Gateway:
     registry: Registry
     refresher: Refresher
     upstreams: Upstreams
-    recorder: UsageRecorder
+    journal: Journal
+    writer: UsageWriter
     touches: KeyTouches
     # One thread per kind of store work, so that none waits behind another.
     refresh_thread: StoreThread
     usage_thread: StoreThread
     admin_thread: StoreThread
+    shutdown: Shutdown
     limiter: RateLimiter = field(default_factory=RateLimiter)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -58,6 +61,9 @@ class Gateway:
         usage_thread = StoreThread("paragate-usage")
         registry = Registry(default_max_logprobs=settings.default_max_logprobs,
                             max_view_age=settings.max_view_age)
+        journal = Journal(settings.journal_path(), settings.database_url,
+                          fsync=settings.journal_fsync,
+                          fsync_interval=settings.journal_fsync_interval)
         return cls(
             settings=settings,
             store=store,
@@ -69,21 +75,24 @@ class Gateway:
                 read_timeout=settings.upstream_read_timeout,
                 max_connections=settings.upstream_max_connections,
             ),
-            recorder=UsageRecorder(
-                store, usage_thread, flush_interval=settings.usage_flush_interval
-            ),
+            journal=journal,
+            writer=UsageWriter(store, usage_thread, journal,
+                               flush_interval=settings.usage_flush_interval,
+                               retention_days=settings.usage_retention_days),
             touches=KeyTouches(store, usage_thread, registry.take_used),
             refresh_thread=refresh_thread,
             usage_thread=usage_thread,
             admin_thread=StoreThread("paragate-admin"),
+            shutdown=Shutdown(settings.shutdown_delay, settings.shutdown_timeout),
         )
 
     async def start(self) -> None:
         await self.refresh_thread.run(self.store.migrate)
         await self.refresher.load()
+        self.journal.open()
         self._tasks = [
             asyncio.create_task(self.refresher.run(), name="paragate-refresh"),
-            asyncio.create_task(self.recorder.run(), name="paragate-usage"),
+            asyncio.create_task(self.writer.run(), name="paragate-usage"),
             asyncio.create_task(self.touches.run(), name="paragate-last-used"),
         ]
         # The background writers (usage, refresh) run Python in threads; a short switch
@@ -108,10 +117,15 @@ class Gateway:
         refresh.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresh
-        self.recorder.stop()  # it writes what is pending, then returns
+        self.writer.stop()  # it writes what it can, then returns
         self.touches.stop()
         await usage
         await touches
+        self.journal.close()  # what could not be written stays for the next start
+        if self.journal.pending():
+            log.warning("%d usage records could not be written now; they stay in the "
+                        "journal (%s) for the next start", self.journal.pending(),
+                        self.journal.directory)
         await self.upstreams.close()
         await self.usage_thread.run(self.store.close)
         for thread in (self.refresh_thread, self.usage_thread, self.admin_thread):

@@ -236,6 +236,25 @@ def _admin_paths() -> dict[str, Any]:
                            _q("until", "integer", "Before this Unix time.")],
                        errors=("400", "401", "403")),
         },
+        "/api/v2/reporting/usage": {
+            "get": _op("api_v2_reporting_usage", "Usage per bucket and group (system "
+                       "admins: all; company admins: their company; users: their keys); "
+                       "format=csv answers text/csv with the same columns",
+                       s.UsageReport, tag="Reporting", params=[
+                           _q("start_date", "string", "UTC ISO date or date-time."),
+                           _q("end_date", "string", "UTC ISO date or date-time, exclusive."),
+                           _q("bucket", "string", "hour, day (default) or month."),
+                           _q("group_by", "string", "Comma-separated: company, user, key, "
+                              "model."),
+                           _q("company_id", "integer", "Only this company."),
+                           _q("user_id", "integer", "Only this user."),
+                           _q("key_id", "string", "Only this key (its public id)."),
+                           _q("model", "string", "Only this model."),
+                           _q("format", "string", "json (default) or csv."),
+                           _q("limit", "integer", "At most this many rows (JSON)."),
+                           _q("offset", "integer", "Skip this many rows (JSON).")],
+                       errors=("400", "401", "403")),
+        },
     }
 
 
@@ -295,6 +314,16 @@ def document() -> dict[str, Any]:
                               s.Deleted, tag="Models", errors=("401", "403", "404")),
             },
             **_admin_paths(),
+            "/ready": {"get": {
+                "summary": "Readiness (public): 503 before the first view of keys and "
+                           "models has loaded and while shutting down", "operationId": "ready",
+                "responses": {code: {"description": what, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["status"], "properties": {
+                        "status": {"type": "string",
+                                   "enum": ["ready", "starting", "draining"]}}}}}}
+                    for code, what in (("200", "Send traffic."),
+                                       ("503", "Do not send traffic."))},
+            }},
             "/health": {"get": {
                 "summary": "Liveness (public), and how current the view of keys and models "
                            "is", "operationId": "health",

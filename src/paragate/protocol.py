@@ -105,6 +105,8 @@ class CompletionRequest:
     model: str
     stream: bool
     include_usage: bool  # the client asked for the final usage chunk
+    running_usage: bool = False  # ... and for usage on every chunk (continuous_usage_stats)
+    n: int = 1
 
     def upstream_body(
         self,
@@ -133,9 +135,12 @@ class CompletionRequest:
         if max_tokens is None and default_max_tokens is not None:
             body["max_tokens"] = default_max_tokens
             changed = True
-        if self.stream and not self.include_usage:
+        if self.stream and not (self.include_usage and self.running_usage):
+            # usage on every chunk, so that a stream cut short is still counted; the
+            # relay removes what the client did not ask for
             options = body.get("stream_options") or {}
-            body["stream_options"] = {**options, "include_usage": True}
+            body["stream_options"] = {**options, "include_usage": True,
+                                      "continuous_usage_stats": True}
             changed = True
         if not changed and self.raw is not None:
             return self.raw
@@ -377,5 +382,6 @@ def _check(body: dict[str, Any], raw: bytes | None) -> CompletionRequest:
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.",
                              param="stream_options")
     include_usage = bool(options and options.get("include_usage") is True)
+    running = bool(options and options.get("continuous_usage_stats") is True)
     return CompletionRequest(body=body, raw=raw, model=model, stream=stream,
-                             include_usage=include_usage)
+                             include_usage=include_usage, running_usage=running, n=n)

@@ -10,6 +10,7 @@ it, whatever happens.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import msgspec
@@ -23,8 +24,9 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .upstream import Upstreams
+from .usage import Exchange
 
-__all__ = ["Exchange", "Target", "relay_json", "relay_stream", "upstream_rejection"]
+__all__ = ["Target", "relay_json", "relay_stream", "upstream_rejection"]
 
 log = logging.getLogger("paragate.proxy")
 
@@ -36,21 +38,32 @@ _SSE_HEADERS = [
 ]
 
 
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    total_tokens: int | None = None
+    prompt_tokens_details: _Details | None = None
 
 
-class _WithUsage(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-class _Final(msgspec.Struct):
-    """vLLM's last stream chunk: ``"choices":[]``, usage and fingerprint."""
+class _Answer(msgspec.Struct):
+    """What paragate reads of a JSON answer, or of a stream's final usage chunk."""
 
     usage: _Usage | None = None
     system_fingerprint: str | None = None
+
+
+class _Index(msgspec.Struct):
+    index: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    """What paragate reads of a stream chunk: its choice and vLLM's running usage."""
+
+    choices: list[_Index] = []
+    usage: _Usage | None = None
 
 
 class _UpstreamError(msgspec.Struct):
@@ -64,15 +77,6 @@ class _ErrorBody(msgspec.Struct):
     # FastAPI-style bodies, for a vLLM behind something that answers {"detail": ...}
     detail: str | None = None
     message: str | None = None
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one request, filled in as it goes; recorded in ``finally``."""
-
-    status: int = 0
-    outcome: str = "error"  # ok | client_disconnected | upstream_error | error
-    usage: _Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,85 +125,188 @@ def upstream_rejection(status: int, data: bytes) -> GatewayError:
     return UpstreamFailed(f"The model server answered {status}: {message}")
 
 
+# vLLM's system_fingerprint per upstream URL, learned from its answers. When paragate asks
+# for usage the client did not, vLLM leaves the fingerprint off each choice's last chunk
+# (it rides on the usage chunk instead); paragate puts it back from here, at once, rather
+# than hold the chunk until the usage chunk arrives. Until an upstream's fingerprint has
+# been seen (its first answer through this process), a last chunk goes without it.
+_FINGERPRINTS: dict[str, str | None] = {}
+
+
+def _learn_fingerprint(url: str, fingerprint: str | None) -> None:
+    if len(_FINGERPRINTS) > 1024 and url not in _FINGERPRINTS:
+        _FINGERPRINTS.clear()  # upstreams come and go: keep the map small
+    _FINGERPRINTS[url] = fingerprint
+
+
+def _take_usage(ex: Exchange, usage: _Usage | None) -> None:
+    if usage is None:
+        return
+    ex.prompt_tokens = usage.prompt_tokens
+    ex.completion_tokens = usage.completion_tokens
+    details = usage.prompt_tokens_details
+    ex.cached_tokens = details.cached_tokens if details else None
+
+
 async def relay_json(upstreams: Upstreams, target: Target, send: Send, ex: Exchange) -> None:
-    async with upstreams.post(target.url, target.body, target.api_key) as resp:
-        data = await resp.read()
-        status = resp.status
+    waiting = time.monotonic()
+    try:
+        async with upstreams.post(target.url, target.body, target.api_key) as resp:
+            data = await resp.read()
+            status = resp.status
+    finally:
+        ex.waited += time.monotonic() - waiting
     if status != 200:
         ex.outcome = "upstream_error"
         raise upstream_rejection(status, data)
     try:
-        ex.usage = msgspec.json.decode(data, type=_WithUsage).usage
+        answer = msgspec.json.decode(data, type=_Answer)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         ex.outcome = "upstream_error"
         raise UpstreamFailed("The model server sent a malformed response.") from exc
+    _take_usage(ex, answer.usage)
+    if answer.system_fingerprint is not None or target.url not in _FINGERPRINTS:
+        _learn_fingerprint(target.url, answer.system_fingerprint)
     rewrite = target.model_rewriter()
     if rewrite:
         data = data.replace(rewrite[0], rewrite[1], 1)
     ex.status, ex.outcome = 200, "ok"
+    ex.finish()  # journaled before the answer leaves
     await start_response(send, 200, [(b"content-type", b"application/json")])
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
-class _Events:
-    """Turns vLLM's SSE events into the ones the client gets, one event at a time.
+def _strip_usage(event: bytes) -> bytes:
+    """The chunk without the ``"usage"`` member that paragate asked vLLM for: the bytes
+    vLLM sends when it is not asked (it leaves unset fields out). A JSON string cannot
+    hold an unescaped quote, so ``,"usage":{`` can only be the member itself."""
+    at = event.rfind(b',"usage":{')
+    if at < 0:
+        return event
+    depth, i = 0, at + 9
+    while i < len(event):
+        c = event[i]
+        if c == 123:  # {
+            depth += 1
+        elif c == 125:  # }
+            depth -= 1
+            if depth == 0:
+                return event[:at] + event[i + 1:]
+        i += 1
+    return event  # pragma: no cover - vLLM's JSON is whole
 
-    When paragate asked for usage on its own behalf, vLLM moves ``system_fingerprint``
-    from each choice's last chunk to the usage chunk. To keep the stream identical to
-    what the client would have had, those last chunks are held until the usage chunk
-    arrives (immediately after, in vLLM), stamped with its fingerprint, and released;
-    the usage chunk itself is dropped.
+
+class _Events:
+    """Turns vLLM's SSE events into the ones the client gets, one event at a time, and
+    reads usage from them as they pass; nothing is held back.
+
+    paragate always asks vLLM for usage, running (``continuous_usage_stats``: every
+    chunk carries its prompt's tokens and its choice's completion tokens so far) and
+    final (the usage chunk before ``[DONE]``). What the client did not ask for is
+    removed again: the running usage from each chunk, the usage chunk itself, and, as
+    vLLM would have sent it, the fingerprint goes back on each choice's last chunk.
     """
 
-    __slots__ = ("done", "ex", "held", "own_usage", "rewrite")
+    __slots__ = ("completion", "done", "ex", "final", "fingerprint", "n", "prompt",
+                 "rewrite", "url", "want_running", "want_usage")
 
-    def __init__(self, rewrite: tuple[bytes, bytes] | None, own_usage: bool,
+    def __init__(self, target: Target, want_usage: bool, want_running: bool, n: int,
                  ex: Exchange) -> None:
-        self.rewrite = rewrite
-        self.own_usage = own_usage
+        self.rewrite = target.model_rewriter()
+        self.url = target.url
+        self.want_usage = want_usage
+        self.want_running = want_usage and want_running  # vLLM's own rule
+        self.n = max(n, 1)
         self.ex = ex
-        self.held: list[bytes] = []
         self.done = False
+        self.final = False
+        self.prompt: dict[int, int] = {}  # per prompt: its tokens
+        self.completion: dict[int, int] = {}  # per choice: tokens generated so far
+        fingerprint = _FINGERPRINTS.get(target.url)
+        self.fingerprint = (b',"system_fingerprint":' + msgspec.json.encode(fingerprint)
+                            + b"}") if fingerprint is not None else None
 
     def feed(self, event: bytes, out: list[bytes]) -> None:
         if event == _DONE:
-            self.release(out)
             self.done = True
         elif event.startswith(b'data: {"error"'):
-            self.release(out)
             self.ex.outcome = "upstream_error"
             event = _error_event(event)
-        elif b'"usage":{' in event and b'"choices":[]' in event:
-            final = _final_of(event)
-            if final is not None:
-                self.ex.usage = final.usage
-                if self.own_usage:
-                    self.release(out, final.system_fingerprint)
-                    return
+        elif b'"choices":[]' in event and b'"usage":{' in event:
+            self.take_final(event)
+            if not self.want_usage:
+                return
+        elif event.startswith(b"data: {"):
+            if b'"usage":{' in event:
+                self.take_running(event)
+                if not self.want_running:
+                    event = _strip_usage(event)
+            if (not self.want_usage and self.fingerprint is not None
+                    and b'"finish_reason":null' not in event and event.endswith(b"}")):
+                event = event[:-1] + self.fingerprint
         if self.rewrite:
             event = event.replace(self.rewrite[0], self.rewrite[1], 1)
-        if self.own_usage and event.startswith(b"data: {") and (
-            b'"finish_reason":null' not in event
-        ):
-            self.held.append(event)
-            return
         out.append(event + b"\n\n")
 
-    def release(self, out: list[bytes], fingerprint: str | None = None) -> None:
-        stamp = b',"system_fingerprint":' + msgspec.json.encode(fingerprint) + b"}"
-        for event in self.held:
-            if fingerprint is not None and event.endswith(b"}"):
-                event = event[:-1] + stamp
-            out.append(event + b"\n\n")
-        self.held.clear()
+    def look_ahead(self, events: list[bytes]) -> None:
+        """A fingerprint not known yet may be in this very read, in the usage chunk
+        after the last text chunks: take it from there (reading ahead holds nothing)."""
+        for event in reversed(events):
+            if b'"choices":[]' in event and b'"system_fingerprint":' in event:
+                try:
+                    answer = msgspec.json.decode(event[6:], type=_Answer)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    return
+                if answer.system_fingerprint is not None:
+                    self.fingerprint = (b',"system_fingerprint":'
+                                        + msgspec.json.encode(answer.system_fingerprint)
+                                        + b"}")
+                return
+
+    def take_running(self, event: bytes) -> None:
+        try:
+            chunk = msgspec.json.decode(event[6:], type=_Chunk)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        usage = chunk.usage
+        if usage is None or not chunk.choices:
+            return
+        i = chunk.choices[0].index
+        if usage.prompt_tokens is not None:
+            self.prompt[i // self.n] = usage.prompt_tokens
+        if usage.completion_tokens is not None:
+            self.completion[i] = usage.completion_tokens
+
+    def take_final(self, event: bytes) -> None:
+        try:
+            answer = msgspec.json.decode(event[6:], type=_Answer)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        _take_usage(self.ex, answer.usage)
+        self.final = True
+        _learn_fingerprint(self.url, answer.system_fingerprint)
+
+    def settle(self) -> None:
+        """Put what is known into the exchange: the final usage when it came, else the
+        running usage last reported (marked partial)."""
+        if self.final:
+            return
+        self.ex.partial = True
+        if self.prompt or self.completion:
+            self.ex.prompt_tokens = sum(self.prompt.values())
+            self.ex.completion_tokens = sum(self.completion.values())
 
 
-async def relay_stream(
-    upstreams: Upstreams, target: Target, include_usage: bool, send: Send, ex: Exchange
-) -> None:
+async def relay_stream(upstreams: Upstreams, target: Target, want_usage: bool,
+                       want_running: bool, n: int, send: Send, ex: Exchange) -> None:
     """Relay vLLM's SSE as it arrives. Failures before the first byte raise (a normal
-    error response); after it they become an SSE error event, then ``[DONE]``."""
+    error response); after it they become an SSE error event, then ``[DONE]``. The
+    record is journaled before the event that ends the stream is sent."""
+    events = _Events(target, want_usage, want_running, n, ex)
+    ex.settle = events.settle
+    waiting = time.monotonic()
     async with upstreams.post(target.url, target.body, target.api_key) as resp:
+        ex.waited += time.monotonic() - waiting
         if resp.status != 200:
             ex.outcome = "upstream_error"
             try:
@@ -209,42 +316,53 @@ async def relay_stream(
             raise upstream_rejection(resp.status, data)
         await start_response(send, 200, _SSE_HEADERS)
         ex.status = 200
-        events = _Events(target.model_rewriter(), not include_usage, ex)
         pending = b""
+        chunks = resp.iter_chunks().__aiter__()
         try:
-            async for chunk in resp.iter_chunks():
+            while True:
+                waiting = time.monotonic()
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    ex.waited += time.monotonic() - waiting
                 pending = pending + chunk if pending else chunk  # usually whole events
                 if b"\n\n" not in pending:
                     continue
                 *complete, pending = pending.split(b"\n\n")
+                if events.fingerprint is None and not want_usage:
+                    events.look_ahead(complete)
                 out: list[bytes] = []
                 for event in complete:
                     if event:
                         events.feed(event, out)
+                if out and ex.first_byte is None:
+                    ex.first_byte = time.monotonic()
+                if events.done:
+                    if ex.outcome != "upstream_error":
+                        ex.outcome = "ok"
+                    events.settle()
+                    if ex.outcome != "ok":
+                        ex.partial = True
+                    ex.finish()  # journaled before the stream's last event leaves
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out),
                                 "more_body": True})
+                if events.done:
+                    break
             if not events.done:
                 raise UpstreamFailed("The model server ended the stream early.")
-            if ex.outcome != "upstream_error":
-                ex.outcome = "ok"
         except GatewayError as failure:
             log.warning("stream from %s failed after it started: %s", target.url,
                         failure.message)
             ex.outcome = "upstream_error"
-            out = []
-            events.release(out)
-            out.append(b"data: " + failure.render() + b"\n\n" + _DONE + b"\n\n")
-            await send({"type": "http.response.body", "body": b"".join(out),
-                        "more_body": True})
+            ex.error_type = failure.code
+            events.settle()
+            ex.finish()
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": b"data: " + failure.render() + b"\n\n" + _DONE + b"\n\n"})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _final_of(event: bytes) -> _Final | None:
-    try:
-        return msgspec.json.decode(event[6:], type=_Final)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
 
 
 def _error_event(event: bytes) -> bytes:

@@ -77,6 +77,7 @@ class Registry:
         self._checked: dict[bytes, Principal] = {}
         self.used: set[int] = set()  # ids of keys used since the last write of last_used_at
         self.fresh_at = time.monotonic()  # when the store last answered the refresher
+        self.loaded = False  # a whole view has been installed
 
     # -- applying changes -------------------------------------------------------------------
 
@@ -93,6 +94,7 @@ class Registry:
         self.routes = {r.name: r for r in view.catalog.values() if r.enabled}
         self._checked = {}
         self.version = view.version
+        self.loaded = True
 
     def apply(self, changes: Changes) -> None:
         """Apply some changed rows in place (a slice of them: see ``slices``)."""

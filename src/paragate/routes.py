@@ -4,39 +4,43 @@ the OpenAPI document. Each handler is parse -> service -> render."""
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
 from . import views
 from .access import ADMIN, PERMISSIONS, require
-from .asgi import Receive, header, read_body, request_id, send_json
-from .auth import Principal
-from .errors import GatewayError, ModelNotFound
+from .asgi import ClientGone, Receive, header, read_body, request_id, send_json
+from .errors import GatewayError, ModelNotFound, ShuttingDown
 from .gateway import Gateway
 from .openapi import document
 from .protocol import parse_request
-from .proxy import Exchange, Target, relay_json, relay_stream
-from .registry import Route
+from .proxy import Target, relay_json, relay_stream
 from .routing import Endpoint, Request, Table, query
 from .schemas import ModelList
-from .store import UsageRecord
+from .usage import Exchange, client_request_id
 
-__all__ = ["ROUTES", "completions", "get_model", "health", "list_models", "openapi"]
+__all__ = ["ROUTES", "completions", "get_model", "health", "list_models", "openapi", "ready"]
 
 
 
 class _Hangup:
     """Watches for the client going away once its body is read, and cancels the
-    handler so the upstream request is closed at once (vLLM then aborts)."""
+    handler so the upstream request is closed at once (vLLM then aborts). ``cut`` ends
+    a stream the same way at the shutdown timeout."""
 
-    __slots__ = ("disconnected", "finished")
+    __slots__ = ("disconnected", "finished", "shutdown", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, task: asyncio.Task[Any]) -> None:
         self.disconnected = False
         self.finished = False
+        self.shutdown = False
+        self.task = task
+
+    def cut(self) -> None:
+        if not self.finished:
+            self.shutdown = True
+            self.task.cancel()
 
     async def watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         while True:
@@ -48,72 +52,94 @@ class _Hangup:
                 return
 
 
+def exchange(gw: Gateway, r: Request, endpoint: str) -> Exchange:
+    """The usage of one authenticated request, journaled unless its key opted out."""
+    who = r.caller
+    return Exchange(
+        request_id=request_id(),
+        record=gw.journal.append if who.usage_opt_in else None,
+        key_id=who.key_id, user_id=who.user_id, company_id=who.company_id,
+        client_request_id=client_request_id(header(r.scope, b"x-request-id")),
+        endpoint=endpoint)
+
+
 async def completions(gw: Gateway, r: Request) -> None:
-    raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
-    req = parse_request(header(r.scope, b"content-type"), raw)
-    route = gw.registry.resolve(r.caller, req.model)
-    body = req.upstream_body(  # the model's own limits (logprobs, max_tokens) apply here
-        route.upstream_model,
-        max_logprobs=route.max_logprobs,
-        default_max_tokens=route.default_max_tokens,
-        max_tokens_limit=route.max_tokens_limit,
-    )
-    # Last before forwarding, so that only a request that will be sent spends the limit.
-    gw.limiter.check(r.caller)  # token budgets will be checked here too
-    target = Target(
-        url=route.completions_url,
-        body=body,
-        api_key=route.upstream_api_key,
-        requested_model=req.model,
-        upstream_model=route.upstream_model,
-    )
-    ex = Exchange()
-    started = time.monotonic()
+    ex = exchange(gw, r, "/api/v2/completions")
     task = asyncio.current_task()
     assert task is not None
-    hangup = _Hangup()
-    watcher = asyncio.create_task(hangup.watch(r.receive, task))
+    hangup = _Hangup(task)
+    watcher: asyncio.Task[None] | None = None
     try:
+        raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
+        req = parse_request(header(r.scope, b"content-type"), raw)
+        ex.model, ex.stream, ex.n = req.model, req.stream, req.n
+        route = gw.registry.resolve(r.caller, req.model)
+        ex.model, ex.model_id = route.name, route.id
+        body = req.upstream_body(  # the model's own limits (logprobs, max_tokens) apply
+            route.upstream_model,
+            max_logprobs=route.max_logprobs,
+            default_max_tokens=route.default_max_tokens,
+            max_tokens_limit=route.max_tokens_limit,
+        )
+        # Last before forwarding, so that only a request that will be sent spends it.
+        gw.limiter.check(r.caller)  # token budgets will be checked here too
+        target = Target(
+            url=route.completions_url,
+            body=body,
+            api_key=route.upstream_api_key,
+            requested_model=req.model,
+            upstream_model=route.upstream_model,
+        )
+        ex.upstream = route.upstream_url
+        watcher = asyncio.create_task(hangup.watch(r.receive, task))
         if req.stream:
-            await relay_stream(gw.upstreams, target, req.include_usage, r.send, ex)
+            gw.shutdown.streams[hangup] = hangup.cut
+            await relay_stream(gw.upstreams, target, req.include_usage, req.running_usage,
+                               req.n, r.send, ex)
         else:
             await relay_json(gw.upstreams, target, r.send, ex)
-        hangup.finished = True
     except asyncio.CancelledError:
-        # Our own cancellation (the client left) ends the request quietly; any other
-        # cancellation (shutdown) propagates.
+        # Our own cancellations end the request quietly: the client left, or the
+        # shutdown timeout cut the stream. Any other (uvicorn giving up) propagates.
+        if hangup.shutdown and task.uncancel() == 0:
+            await _end_cut_stream(r, ex)
+            return
         if not (hangup.disconnected and task.uncancel() == 0):
+            ex.outcome, ex.partial = "shutdown", True
             raise
         ex.outcome = "client_disconnected"
         ex.status = ex.status or 499
+        ex.partial = True
+    except ClientGone:
+        ex.outcome, ex.status, ex.partial = "client_disconnected", 499, True
+        raise
     except GatewayError as exc:
-        ex.status = exc.http_status
+        ex.status, ex.error_type = exc.http_status, exc.code
+        raise
+    except Exception:
+        ex.status, ex.error_type = 500, "internal_error"
         raise
     finally:
         hangup.finished = True
-        watcher.cancel()
-        _record(gw, r.caller, route, req.stream, ex, started)
+        gw.shutdown.streams.pop(hangup, None)
+        if watcher is not None:
+            watcher.cancel()
+        ex.finish()
 
 
-def _record(gw: Gateway, who: Principal, route: Route, stream: bool, ex: Exchange,
-            started: float) -> None:
-    usage = ex.usage
-    gw.recorder.record(UsageRecord(
-        request_id=request_id(),
-        created_at=datetime.now(UTC),
-        key_id=who.key_id,
-        user_id=who.user_id,
-        company_id=who.company_id,
-        model_id=route.id,
-        model=route.name,
-        stream=stream,
-        status=ex.status or 500,
-        outcome=ex.outcome,
-        prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None,
-        total_tokens=usage.total_tokens if usage else None,
-        duration_ms=int((time.monotonic() - started) * 1000),
-    ))
+async def _end_cut_stream(r: Request, ex: Exchange) -> None:
+    """A stream still open at the shutdown timeout: an error event and ``[DONE]``
+    (journaled first), or a 503 if its answer had not started."""
+    ex.outcome, ex.partial, ex.error_type = "shutdown", True, "shutting_down"
+    if not ex.status:
+        ex.status = 503
+        ex.finish()
+        raise ShuttingDown()
+    ex.finish()
+    failure = ShuttingDown()
+    await r.send({"type": "http.response.body", "more_body": True,
+                  "body": b"data: " + failure.render() + b"\n\ndata: [DONE]\n\n"})
+    await r.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _all_models(r: Request) -> bool:
@@ -142,6 +168,18 @@ async def get_model(gw: Gateway, r: Request) -> None:
         route = gw.registry.resolve(r.caller, name)
     await send_json(r.send, 200, msgspec.json.encode(
         views.model(route, r.caller.role == ADMIN)))
+
+
+async def ready(gw: Gateway, r: Request) -> None:
+    """Whether to send this process traffic: 503 before the first view of keys and
+    models has loaded, and from the moment a shutdown begins."""
+    if gw.shutdown.draining:
+        status, state = 503, "draining"
+    elif not gw.registry.loaded:
+        status, state = 503, "starting"
+    else:
+        status, state = 200, "ready"
+    await send_json(r.send, status, msgspec.json.encode({"status": state}))
 
 
 async def health(gw: Gateway, r: Request) -> None:
@@ -174,4 +212,5 @@ ROUTES: Table = {
     "/api/v2/models/{model}": {"GET": _e(get_model, "inference")},
     "/api/v2/openapi.json": {"GET": _e(openapi, None)},
     "/health": {"GET": _e(health, None)},
+    "/ready": {"GET": _e(ready, None)},
 }

@@ -250,7 +250,34 @@ ApiKeyList = _list_of(ApiKey, "ApiKeyList")
 ModelList = _list_of(Model, "ModelList")
 AuditEntryList = _list_of(AuditEntry, "AuditEntryList")
 
+class UsageRow(msgspec.Struct, omit_defaults=True):
+    """One bucket of one group; the grouped fields are present only when grouped by."""
+
+    bucket_start: str
+    requests: int
+    errors: int
+    partial: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    ttft_ms_p50: float | None
+    company_id: int | None = None
+    user_id: int | None = None
+    key_id: str | None = None
+    model: str | None = None
+
+
+class UsageReport(msgspec.Struct):
+    data: list[UsageRow]
+    has_more: bool
+    object: Literal["list"] = "list"
+
+
 REQUESTS: tuple[type, ...] = (CompanyCreate, CompanyUpdate, UserCreate, UserUpdate,
                               ApiKeyCreate, ApiKeyUpdate, ModelCreate, ModelUpdate)
 RESPONSES: tuple[type, ...] = (Company, CompanyList, User, UserList, ApiKey, ApiKeyList,
-                               Model, ModelList, AuditEntry, AuditEntryList, Me, Deleted)
+                               Model, ModelList, AuditEntry, AuditEntryList, Me, Deleted,
+                               UsageReport)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from paragate import control
@@ -66,6 +67,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert token is not None
         store.close()
         gateway = start_gateway(logs, f"sqlite:///{logs / 'gateway.db'}")
+        # The gateway learns an upstream's system_fingerprint from its first answer and
+        # puts it back on the last chunk of streams whose usage it asked for on its own;
+        # before that first answer it cannot (docs/usage.md). One answer first, so that
+        # every stream compared below is byte for byte what vLLM sends.
+        httpx.post(gateway.url + "/api/v2/completions", timeout=120,
+                   headers={"Authorization": f"Bearer {token}"},
+                   json={"model": MODEL, "prompt": "warm", "max_tokens": 1})
         try:
             yield Stack(vllm, gateway, token)
         finally:

@@ -92,12 +92,16 @@ def text_of(chunks: list[dict[str, Any]]) -> dict[int, str]:
             for i, cs in by_choice(chunks).items()}
 
 
-@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("usage", ["none", "final", "running"])
 @pytest.mark.parametrize("name", STREAM_CASES)
-def test_stream_identical(stack: Stack, name: str, usage: bool) -> None:
+def test_stream_identical(stack: Stack, name: str, usage: str) -> None:
+    """paragate always asks vLLM for running and final usage; the client gets exactly
+    what it asked for: none, the final usage chunk, or usage on every chunk too."""
     extra: dict[str, Any] = {"stream": True}
-    if usage:
-        extra["stream_options"] = {"include_usage": True}
+    if usage != "none":
+        extra["stream_options"] = {"include_usage": True,
+                                   **({"continuous_usage_stats": True}
+                                      if usage == "running" else {})}
     direct, through = both(stack, CASES[name], **extra)
     assert direct.status_code == through.status_code == 200
     assert through.headers["content-type"].startswith("text/event-stream")
@@ -115,7 +119,8 @@ def test_stream_identical(stack: Stack, name: str, usage: bool) -> None:
         assert [strip(c) for c in t_chunks if not c["choices"]] == [
             strip(c) for c in d_chunks if not c["choices"]]
     assert text_of(t_chunks) == text_of(d_chunks)
-    assert ("usage" in t_chunks[-1] and t_chunks[-1]["choices"] == []) is usage
+    assert ("usage" in t_chunks[-1] and t_chunks[-1]["choices"] == []) is (usage != "none")
+    assert all(("usage" in c) is (usage == "running") for c in t_chunks[:-1])
 
 
 @pytest.mark.parametrize(("name", "case"), [

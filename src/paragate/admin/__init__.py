@@ -1,12 +1,12 @@
 """The control plane's route table: companies, users, API keys, model configuration,
-the audit log and ``/me``. Every route names its permission (``access.PERMISSIONS``);
+the audit log, usage reports and ``/me``. Every route names its permission (``access.PERMISSIONS``);
 ``app`` checks it before a handler runs. Nothing here is on the completions path."""
 
 from __future__ import annotations
 
 from ..access import PERMISSIONS
 from ..routing import Endpoint, Handler, Table
-from . import audit, companies, keys, models, users
+from . import audit, companies, keys, models, reporting, users
 
 __all__ = ["ROUTES"]
 
@@ -37,4 +37,5 @@ ROUTES: Table = {
     "/api/v2/models/{model}": {"PATCH": _e(models.update, "models.manage"),
                                "DELETE": _e(models.delete, "models.manage")},
     "/api/v2/audit-log": {"GET": _e(audit.list_, "audit.read")},
+    "/api/v2/reporting/usage": {"GET": _e(reporting.usage_report, "usage.report")},
 }

@@ -15,7 +15,6 @@ stamped above the version it holds (``Store.changes``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,7 +25,6 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     Connection,
-    Dialect,
     Engine,
     RowMapping,
     create_engine,
@@ -38,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
+from . import usage
 from .records import (
     AuditRecord,
     Changes,
@@ -80,22 +79,6 @@ NOTIFY_CHANNEL = "paragate_config"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # Any 64-bit number, the same in every paragate: serialises concurrent migrations.
 _MIGRATION_LOCK = 0x70617261676174  # "paragat"
-_USAGE_FIELDS = [f.name for f in dataclasses.fields(UsageRecord)]
-# (SQL, parameter names in order, (index, bind processor) pairs, positional paramstyle?)
-_CompiledInsert = tuple[str, list[str], list[tuple[int, Callable[[Any], Any]]], bool]
-
-
-def _compile_usage_insert(dialect: Dialect) -> _CompiledInsert:
-    compiled = insert(usage_records).compile(dialect=dialect, column_keys=_USAGE_FIELDS)
-    names = list(compiled.positiontup or _USAGE_FIELDS)
-    processors: list[tuple[int, Callable[[Any], Any]]] = []
-    for i, name in enumerate(names):
-        process = usage_records.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-        if process is not None:
-            processors.append((i, process))
-    return str(compiled), names, processors, bool(compiled.positional)
-
-
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -139,7 +122,6 @@ class Store:
         self.url = parsed
         self.is_postgres = parsed.get_backend_name() == "postgresql"
         self.engine: Engine = create_engine(parsed, pool_pre_ping=True)
-        self._usage_insert: _CompiledInsert | None = None
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
 
@@ -219,26 +201,26 @@ class Store:
     # -- usage ----------------------------------------------------------------------------
 
     def insert_usage(self, records: Sequence[UsageRecord]) -> int:
-        """Write a batch of usage records in one transaction; returns how many.
-
-        This runs beside the request path for every request, so it goes straight to the
-        driver's executemany with a statement compiled once (about half the CPU of
-        SQLAlchemy's per-row handling); each value still passes through its column
-        type's bind processor, so what is stored is what ``insert()`` would store."""
+        """Write a batch of usage records and their rollups in one transaction, skipping
+        the ones already there; returns how many were new (see ``store.usage``)."""
         if not records:
             return 0
-        if self._usage_insert is None:
-            self._usage_insert = _compile_usage_insert(self.engine.dialect)
-        sql, names, processors, positional = self._usage_insert
-        rows: list[Any] = []
-        for r in records:
-            values = [getattr(r, n) for n in names]
-            for i, process in processors:
-                values[i] = process(values[i])
-            rows.append(tuple(values) if positional else dict(zip(names, values, strict=True)))
         with self.engine.begin() as conn:
-            conn.exec_driver_sql(sql, rows)
-        return len(rows)
+            return usage.write(conn, records)
+
+    def usage_report(self, query: usage.ReportQuery) -> list[usage.ReportRow]:
+        with self.engine.connect() as conn:
+            return usage.report(conn, query)
+
+    def prune_usage(self, before: datetime) -> int:
+        """Delete raw usage records older than ``before``, in chunks; returns how many."""
+        deleted = 0
+        while True:
+            with self.engine.begin() as conn:
+                n = usage.prune(conn, before)
+            deleted += n
+            if n == 0:
+                return deleted
 
     def list_usage(self) -> list[UsageRecord]:
         with self.engine.connect() as conn:

@@ -120,17 +120,33 @@ class Changes:
 
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
+    """One authenticated request, whatever became of it (see docs/usage.md).
+
+    ``request_id`` is the gateway's own (unique: the key that makes writes idempotent);
+    ``client_request_id`` is the client's ``x-request-id``, kept beside it. Token counts
+    are vLLM's own, None when it reported none; ``partial`` marks a request that ended
+    before vLLM's final usage (a hang-up, a broken stream, a shutdown)."""
+
     request_id: str
-    created_at: datetime
+    created_at: datetime  # when the request arrived
     key_id: int | None
-    model: str
+    model: str  # the name the client asked for ("" when the body named none)
     stream: bool
-    status: int
-    outcome: str
+    status: int  # the HTTP status sent (499: the client left before any response)
+    outcome: str  # ok | error | upstream_error | client_disconnected | shutdown
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
-    duration_ms: int
+    duration_ms: int  # total latency, arrival to the last byte
     user_id: int | None = None
     company_id: int | None = None
-    model_id: int | None = None
+    model_id: int | None = None  # None: the name resolved to no model the key may use
+    client_request_id: str | None = None
+    endpoint: str = "/api/v2/completions"
+    upstream: str | None = None  # the upstream (replica) the request went to
+    n: int = 1
+    error_type: str | None = None  # the error's code (model_not_found, ...) when not ok
+    partial: bool = False
+    cached_tokens: int | None = None  # prompt tokens vLLM served from its prefix cache
+    ttft_ms: int | None = None  # streams: arrival to the first text sent
+    gateway_us: int | None = None  # time spent in paragate, not waiting on the upstream

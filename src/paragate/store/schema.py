@@ -26,12 +26,18 @@ from sqlalchemy import (
 
 __all__ = [
     "CONFIG_TABLES",
+    "HISTOGRAM_BUCKETS",
+    "LATENCY_BOUNDS",
+    "ROLLUP_DIMS",
     "api_keys",
     "audit_log",
     "companies",
     "config_state",
     "metadata",
     "models",
+    "usage_daily",
+    "usage_daily_company",
+    "usage_hourly",
     "usage_records",
     "users",
 ]
@@ -190,13 +196,75 @@ usage_records = Table(
     Column("model", String(200), nullable=False),  # the name it had then
     Column("stream", Boolean, nullable=False),
     Column("status", Integer, nullable=False),
-    # ok | client_disconnected | upstream_error | error
+    # ok | error | upstream_error | client_disconnected | shutdown
     Column("outcome", String(32), nullable=False),
     Column("prompt_tokens", Integer, nullable=True),
     Column("completion_tokens", Integer, nullable=True),
     Column("total_tokens", Integer, nullable=True),
     Column("duration_ms", Integer, nullable=False),
+    Column("client_request_id", String(128), nullable=True),
+    Column("endpoint", String(64), nullable=False),
+    Column("upstream", String(500), nullable=True),
+    Column("n", Integer, nullable=False),
+    Column("error_type", String(64), nullable=True),
+    Column("partial", Boolean, nullable=False),
+    Column("cached_tokens", Integer, nullable=True),
+    Column("ttft_ms", Integer, nullable=True),
+    Column("gateway_us", BigInteger, nullable=True),
 )
+
+# Histogram buckets of the rolled-up latencies, in milliseconds: bucket 0 holds [0, 1),
+# bucket k (1..40) [2^((k-1)/2), 2^(k/2)), bucket 41 everything from 2^20 ms (17 min).
+# Percentiles cannot be added up; bucket counts can, and a percentile read from them
+# (interpolated inside its bucket) is within the bucket's width, 41%, of the truth.
+LATENCY_BOUNDS: tuple[float, ...] = tuple(2 ** (k / 2) for k in range(41))
+HISTOGRAM_BUCKETS = len(LATENCY_BOUNDS) + 1
+
+
+def _histogram(prefix: str) -> list[Column[Any]]:
+    return [Column(f"{prefix}{i}", BigInteger, nullable=False, server_default="0")
+            for i in range(HISTOGRAM_BUCKETS)]
+
+
+def _rollup(name: str, *dims: Column[Any]) -> Table:
+    """Sums of the usage records per time bucket (epoch seconds, UTC) and dimensions,
+    kept by the usage writer in the transaction that inserts the records, from the rows
+    actually inserted (so a retried batch adds nothing twice). Never pruned."""
+    dim_names = [d.name for d in dims]
+    return Table(
+        name,
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("bucket", BigInteger, nullable=False),
+        *dims,
+        Column("requests", BigInteger, nullable=False),
+        Column("errors", BigInteger, nullable=False),
+        Column("partial", BigInteger, nullable=False),
+        Column("prompt_tokens", BigInteger, nullable=False),
+        Column("completion_tokens", BigInteger, nullable=False),
+        Column("cached_tokens", BigInteger, nullable=False),
+        Column("duration_ms", BigInteger, nullable=False),  # their sum
+        *_histogram("lat"),
+        *_histogram("ttft"),
+        Index(f"uq_{name}", "bucket", *dim_names, unique=True),
+        sqlite_autoincrement=True,
+    )
+
+
+def _dims(*names: str) -> list[Column[Any]]:
+    kinds: dict[str, Any] = {"company_id": Integer, "user_id": Integer, "key_id": Integer,
+                             "model": String(200), "month": BigInteger}
+    # 0 and "" stand for none (a request that named no usable model), so that the
+    # unique index sees one value; reports show them as null.
+    return [Column(n, kinds[n], nullable=False) for n in names]
+
+
+ROLLUP_DIMS = ("company_id", "user_id", "key_id", "model")
+# hourly and daily sums per key and model; daily per company and model, for the
+# reports that need no finer grain (the common ones: by company, by model).
+usage_hourly = _rollup("usage_hourly", *_dims(*ROLLUP_DIMS))
+usage_daily = _rollup("usage_daily", *_dims(*ROLLUP_DIMS, "month"))
+usage_daily_company = _rollup("usage_daily_company", *_dims("company_id", "model", "month"))
 
 # The tables whose rows a gateway holds in memory, in the order they are applied.
 CONFIG_TABLES = (companies, users, api_keys, models)

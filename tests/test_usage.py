@@ -1,0 +1,341 @@
+"""Usage accounting in process: the journal, the writer under database faults, and the
+records the request path makes (see docs/usage.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+
+from paragate.background import StoreThread
+from paragate.gateway import Gateway
+from paragate.store import Store, UsageRecord
+from paragate.store.schema import usage_hourly
+from paragate.usage import Journal, UsageWriter
+from paragate.usage.journal import read_segment
+
+from .conftest import Keys
+from .fake_vllm import FakeVLLM
+from .servers import TcpProxy
+from .test_completions import post
+
+T0 = datetime(2026, 11, 30, 10, 15, tzinfo=UTC)
+
+
+def rec(i: int, **fields: object) -> UsageRecord:
+    values: dict[str, object] = dict(
+        request_id=f"req-{i}", created_at=T0 + timedelta(seconds=i), key_id=1, user_id=1,
+        company_id=1, model_id=1, model="alfred-4.2", stream=False, status=200,
+        outcome="ok", prompt_tokens=3, completion_tokens=5, total_tokens=8, duration_ms=12)
+    values.update(fields)
+    return UsageRecord(**values)  # type: ignore[arg-type]
+
+
+def journal(tmp_path: Path, **kw: object) -> Journal:
+    j = Journal(tmp_path / "journal", "sqlite:///x.db", **kw)  # type: ignore[arg-type]
+    j.open()
+    return j
+
+
+# -- the journal ------------------------------------------------------------------------
+
+
+def test_journal_round_trip_and_segments_deleted_once_committed(tmp_path: Path) -> None:
+    j = journal(tmp_path, segment_bytes=2000)
+    records = [rec(i) for i in range(50)]
+    for r in records:
+        j.append(r)
+    assert len(list(j.directory.glob("*.journal"))) > 3  # rotated by size
+    got, marks = j.read(1000)
+    assert got == records
+    assert j.pending() == 50
+    j.commit(marks)
+    assert j.pending() == 0
+    # only the active segment is left, and it goes on close
+    assert len(list(j.directory.glob("*.journal"))) == 1
+    j.close()
+    assert list(j.directory.glob("*.journal")) == []
+
+
+def test_reading_moves_nothing_until_committed(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    for i in range(5):
+        j.append(rec(i))
+    first, _ = j.read(3)
+    again, marks = j.read(3)
+    assert first == again == [rec(i) for i in range(3)]
+    j.commit(marks)
+    rest, marks = j.read(10)
+    assert rest == [rec(3), rec(4)]
+    j.close()
+
+
+def test_a_live_segment_is_never_taken_over_a_dead_ones_is(tmp_path: Path) -> None:
+    live = journal(tmp_path)
+    live.append(rec(1))
+    other = journal(tmp_path)
+    assert other.take_over() == 0  # held by a live journal (its flock)
+    live_path = live._active.path  # type: ignore[union-attr]
+    # a process that died: its segment is on disk, unlocked
+    os.close(live._active.fd)  # type: ignore[union-attr]  # what death does to the lock
+    live._active = None
+    assert other.take_over() == 1
+    got, marks = other.read(10)
+    assert got == [rec(1)]
+    other.commit(marks)
+    assert not live_path.exists()
+    other.close()
+
+
+def test_a_torn_last_record_is_skipped_the_others_kept(tmp_path: Path) -> None:
+    dead = journal(tmp_path)
+    for i in range(3):
+        dead.append(rec(i))
+    path = dead._active.path  # type: ignore[union-attr]
+    os.write(dead._active.fd, b"\x50\x00\x00\x00garbage")  # type: ignore[union-attr]
+    os.close(dead._active.fd)  # type: ignore[union-attr]
+    dead._active = None
+    assert read_segment(path) == [rec(i) for i in range(3)]
+    j = journal(tmp_path)
+    assert j.take_over() == 3
+    assert j.read(10)[0] == [rec(i) for i in range(3)]
+    j.close()
+
+
+def test_segments_of_another_database_are_left_alone(tmp_path: Path) -> None:
+    other_db = Journal(tmp_path / "journal", "sqlite:///other.db")
+    other_db.open()
+    other_db.append(rec(1))
+    os.close(other_db._active.fd)  # type: ignore[union-attr]
+    other_db._active = None
+    j = journal(tmp_path)
+    assert j.take_over() == 0
+    j.close()
+    assert len(list((tmp_path / "journal").glob("*.journal"))) == 1
+
+
+def test_a_disk_that_refuses_keeps_the_record_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from paragate.usage import journal as module
+
+    j = journal(tmp_path)
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(module.os, "write", real_write)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module.os, "write", full)
+    j.append(rec(1))
+    assert j.failed == [rec(1)]
+    j.append(rec(2))  # a new segment was started
+    got, marks = j.read(10)
+    assert got == [rec(1), rec(2)]
+    j.commit(marks)
+    assert j.failed == [] and j.pending() == 0
+
+
+# -- the writer under faults ----------------------------------------------------------
+
+
+def count(store: Store) -> int:
+    return len(store.list_usage())
+
+
+def rolled_up(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.sum(usage_hourly.c.requests))).scalar() or 0)
+
+
+async def drain(writer: UsageWriter) -> None:
+    await writer.drain()
+
+
+@pytest.fixture
+def writer_for(tmp_path: Path) -> Iterator[object]:
+    made: list[tuple[Journal, StoreThread]] = []
+
+    def make(store: Store) -> UsageWriter:
+        j = Journal(tmp_path / "journal", str(store.url))
+        j.open()
+        thread = StoreThread("test-usage")
+        made.append((j, thread))
+        return UsageWriter(store, thread, j, flush_interval=0.02, max_backoff=0.1)
+
+    yield make
+    for j, thread in made:
+        j.close()
+        thread.close()
+
+
+async def test_a_poison_record_is_isolated_and_the_others_written(
+        store: Store, writer_for: object) -> None:
+    writer = writer_for(store)  # type: ignore[operator]
+    for i in range(10):
+        writer.journal.append(rec(i, prompt_tokens=2 ** 63 if i == 4 else 3))
+    await writer.drain()
+    assert sorted(r.request_id for r in store.list_usage()) == sorted(
+        f"req-{i}" for i in range(10) if i != 4)
+    assert rolled_up(store) == 9
+    assert writer.journal.pending() == 0
+    lines = writer.dead_letters.path.read_text().splitlines()
+    assert len(lines) == 1 and '"req-4"' in lines[0]
+    # an operator fixes what was wrong and replays: here the row stays bad, and stays
+    assert writer.dead_letters.replay(store) == (0, 0, 1)
+    assert len(writer.dead_letters.path.read_text().splitlines()) == 1
+
+
+@pytest.mark.postgres
+async def test_database_down_then_back_nothing_lost_nothing_doubled(
+        postgres_url: str, writer_for: object) -> None:
+    url = make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    direct = Store(postgres_url)
+    direct.migrate()
+    through = Store(url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+        hide_password=False))
+    try:
+        writer = writer_for(through)  # type: ignore[operator]
+        task = asyncio.create_task(writer.run())
+        for i in range(100):
+            writer.journal.append(rec(i))
+        await wait_for(lambda: count(direct) == 100)
+        proxy.down()
+        for i in range(100, 300):
+            writer.journal.append(rec(i))
+        await asyncio.sleep(0.5)
+        assert count(direct) == 100
+        assert writer.failing_since is not None
+        assert writer.journal.failed == []  # the journal holds them, not memory
+        proxy.up()
+        await wait_for(lambda: count(direct) == 300)
+        # a COMMIT that succeeds but whose acknowledgement is lost: retried, not doubled
+        proxy.lose_answer_after(b"COMMIT")
+        for i in range(300, 350):
+            writer.journal.append(rec(i))
+        await wait_for(lambda: count(direct) == 350 and writer.journal.pending() == 0)
+        assert proxy.dropped == 1
+        writer.stop()
+        await task
+        assert rolled_up(direct) == 350
+        assert sorted(r.request_id for r in direct.list_usage()) == sorted(
+            f"req-{i}" for i in range(350))
+    finally:
+        proxy.close()
+        through.close()
+        with direct.engine.begin() as conn:  # leave the database empty for the next test
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+        direct.close()
+
+
+async def wait_for(ok: object, timeout: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await asyncio.to_thread(ok):  # type: ignore[arg-type]
+        assert loop.time() < deadline, "never happened"
+        await asyncio.sleep(0.05)
+
+
+# -- the records the request path makes -------------------------------------------------
+
+
+async def records_of(gateway: Gateway, n: int) -> list[UsageRecord]:
+    await wait_for(lambda: len(gateway.store.list_usage()) >= n)
+    return gateway.store.list_usage()
+
+
+@pytest.mark.parametrize("running", [False, True])
+async def test_stream_usage_exact_with_n(client: httpx.AsyncClient, keys: Keys,
+                                         gateway: Gateway, running: bool) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True} if running else None
+    r = await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=4, n=2,
+                   stream=True, **({"stream_options": options} if options else {}))
+    assert r.status_code == 200
+    assert ('"usage"' in r.text) is running  # running usage only when asked
+    (record,) = await records_of(gateway, 1)
+    assert (record.prompt_tokens, record.completion_tokens, record.n) == (3, 8, 2)
+    assert record.partial is False and record.outcome == "ok"
+    assert record.ttft_ms is not None and record.gateway_us is not None
+
+
+async def test_upstream_drop_mid_stream_gives_a_partial_record(
+        client: httpx.AsyncClient, keys: Keys, gateway: Gateway) -> None:
+    r = await post(client, keys.full, model="drop", prompt="x", max_tokens=10, stream=True)
+    assert r.status_code == 200 and "upstream_error" in r.text
+    (record,) = await records_of(gateway, 1)
+    # the fake sent two chunks, each with vLLM's running usage, then closed
+    assert (record.prompt_tokens, record.completion_tokens) == (3, 2)
+    assert record.partial and record.outcome == "upstream_error"
+
+
+async def test_every_authenticated_failure_is_recorded(
+        client: httpx.AsyncClient, keys: Keys, gateway: Gateway) -> None:
+    await post(client, keys.full, model="no-such-model", prompt="x")
+    await post(client, keys.full, prompt="x")  # no model
+    await post(client, keys.full, model="status-400", prompt="x")
+    await post(client, keys.throttled, model="alfred-4.2", prompt="x")
+    await post(client, keys.throttled, model="alfred-4.2", prompt="x")
+    await post(client, keys.throttled, model="alfred-4.2", prompt="x")  # 429
+    await post(client, "pg-000000000000-wrong", model="alfred-4.2", prompt="x")  # 401
+    records = await records_of(gateway, 6)
+    await asyncio.sleep(0.2)
+    records = gateway.store.list_usage()
+    assert len(records) == 6  # the 401 is not an authenticated request
+    by_status = sorted((r.status, r.error_type or "", r.model_id is None) for r in records)
+    assert by_status == sorted([
+        (404, "model_not_found", True), (400, "missing_field", True),
+        (400, "upstream_error", False), (200, "", False), (200, "", False),
+        (429, "rate_limit_exceeded", False)])
+    assert len({r.request_id for r in records}) == 6
+
+
+async def test_client_request_id_kept_beside_ours(client: httpx.AsyncClient, keys: Keys,
+                                                  gateway: Gateway) -> None:
+    for value in ("trace-1.a_b", "bad id with spaces", "x" * 129):
+        await client.post("/api/v2/completions", json={
+            "model": "alfred-4.2", "prompt": "x", "max_tokens": 1},
+            headers={"Authorization": f"Bearer {keys.full}", "x-request-id": value})
+    records = await records_of(gateway, 3)
+    assert sorted(str(r.client_request_id) for r in records) == ["None", "None",
+                                                                 "trace-1.a_b"]
+    assert all(r.request_id != r.client_request_id for r in records)
+
+
+async def test_a_key_that_opted_out_gets_no_record(
+        client: httpx.AsyncClient, keys: Keys, gateway: Gateway, store: Store) -> None:
+    from paragate import control
+
+    from .conftest import CLI
+
+    made = control.keys.create(store, CLI, name="private", usage_opt_in=False,
+                               builtin="default_user", expires_at=None)
+    await wait_for(lambda: gateway.registry.version >= store.version())
+    assert made.secret is not None
+    r = await post(client, made.secret, model="alfred-4.2", prompt="x", max_tokens=1)
+    assert r.status_code == 200
+    await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=1)
+    (record,) = await records_of(gateway, 1)
+    await asyncio.sleep(0.2)
+    assert [r.key_id for r in gateway.store.list_usage()] == [record.key_id]
+    assert record.key_id != made.record.id
+
+
+async def test_journaled_before_the_response_ends(
+        client: httpx.AsyncClient, keys: Keys, gateway: Gateway, fake: FakeVLLM) -> None:
+    gateway.writer.stop()  # nothing moves the records on: they must be in the journal
+    await asyncio.sleep(0.1)
+    r = await post(client, keys.full, model="alfred-4.2", prompt="x", max_tokens=2,
+                   stream=True)
+    assert r.text.endswith("data: [DONE]\n\n")
+    records, _ = gateway.journal.read(10)
+    assert [(x.status, x.completion_tokens) for x in records] == [(200, 2)]
