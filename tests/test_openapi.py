@@ -166,6 +166,9 @@ async def test_admin_answers_match_the_document(client: httpx.AsyncClient,
     await call("DELETE", "/api/v2/models/{model}", "/api/v2/models/m")
     await call("GET", "/api/v2/audit-log", "/api/v2/audit-log?action=user.")
     await call("GET", "/api/v2/me", "/api/v2/me")
+    await call("GET", "/api/v2/reporting/usage", "/api/v2/reporting/usage?group_by=key,model")
+    await call("GET", "/api/v2/reporting/usage", "/api/v2/reporting/usage?bucket=week")
+    await call("GET", "/ready", "/ready")
     await call("DELETE", "/api/v2/users/{id}", f"/api/v2/users/{user}")
     await call("DELETE", one, f"/api/v2/companies/{company}")
     await call("DELETE", one, "/api/v2/companies/1")  # a 409
