@@ -615,10 +615,10 @@ def render(r: Report, command: str, load_avg: str, took: float, smoke: bool) -> 
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section (up to the next `## `) or append it."""
+def write_section(path: Path, section: str, title: str = SECTION) -> None:
+    """Replace the section ``title`` (up to the next `## `) or append it."""
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    m = re.search(rf"^{re.escape(SECTION)}$.*?(?=^## |\Z)", doc, re.M | re.S)
+    m = re.search(rf"^{re.escape(title)}$.*?(?=^## |\Z)", doc, re.M | re.S)
     if m:
         doc = doc[:m.start()] + section + ("\n" if m.end() < len(doc) else "") + doc[m.end():]
     else:

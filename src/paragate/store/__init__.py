@@ -223,11 +223,12 @@ class Store:
                 return deleted
 
     def list_usage(self) -> list[UsageRecord]:
+        """Every raw record, in the order written (for tests and tools)."""
+        fields = UsageRecord.__slots__
         with self.engine.connect() as conn:
-            rows = conn.execute(select(usage_records).order_by(usage_records.c.id)).all()
-        return [
-            UsageRecord(**{k: v for k, v in r._mapping.items() if k != "id"}) for r in rows
-        ]
+            rows = conn.execute(select(*(usage_records.c[f] for f in fields))
+                                .order_by(usage_records.c.id)).all()
+        return [UsageRecord(*r) for r in rows]
 
 
 # -- rows to records ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -211,6 +212,10 @@ usage_records = Table(
     Column("cached_tokens", Integer, nullable=True),
     Column("ttft_ms", Integer, nullable=True),
     Column("gateway_us", BigInteger, nullable=True),
+    # the histogram buckets (below) of duration_ms and ttft_ms, so that the rollups'
+    # sums are one comparison each
+    Column("lat_bucket", SmallInteger, nullable=False),
+    Column("ttft_bucket", SmallInteger, nullable=True),
 )
 
 # Histogram buckets of the rolled-up latencies, in milliseconds: bucket 0 holds [0, 1),

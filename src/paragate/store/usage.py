@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import calendar
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, case, func, literal, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Table,
+    case,
+    func,
+    literal,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -87,14 +98,6 @@ class _Rollup:
     dims: tuple[str, ...]
     month: bool  # also keeps the month the day is in
 
-    def key(self, r: UsageRecord) -> tuple[Any, ...]:
-        ts = int(r.created_at.timestamp())
-        bucket = ts - ts % self.grain
-        values = {"company_id": r.company_id or 0, "user_id": r.user_id or 0,
-                  "key_id": r.key_id or 0, "model": r.model if r.model_id else ""}
-        key = (bucket, *(values[d] for d in self.dims))
-        return (*key, month_start(bucket)) if self.month else key
-
     @property
     def key_columns(self) -> list[str]:
         return ["bucket", *self.dims, *(["month"] if self.month else [])]
@@ -105,6 +108,8 @@ ROLLUPS = (
     _Rollup(usage_daily, DAY, DIMENSIONS, month=True),
     _Rollup(usage_daily_company, DAY, ("company_id", "model"), month=True),
 )
+_SUM_COLUMNS = [*_SUMS, *(f"lat{i}" for i in range(HISTOGRAM_BUCKETS)),
+                *(f"ttft{i}" for i in range(HISTOGRAM_BUCKETS))]
 
 
 def _insert(conn: Connection, table: Table) -> Any:
@@ -112,66 +117,182 @@ def _insert(conn: Connection, table: Table) -> Any:
             else sqlite.insert(table))
 
 
-def _sums(records: Iterable[UsageRecord], rollup: _Rollup) -> list[dict[str, Any]]:
-    rows: dict[tuple[Any, ...], list[int]] = {}
-    width = len(_SUMS)
-    for r in records:
-        sums = rows.get(key := rollup.key(r))
-        if sums is None:
-            sums = rows[key] = [0] * (width + 2 * HISTOGRAM_BUCKETS)
-        sums[0] += 1
-        sums[1] += r.outcome in ERROR_OUTCOMES
-        sums[2] += r.partial
-        sums[3] += r.prompt_tokens or 0
-        sums[4] += r.completion_tokens or 0
-        sums[5] += r.cached_tokens or 0
-        sums[6] += r.duration_ms
-        sums[width + bucket_of(r.duration_ms)] += 1
-        if r.ttft_ms is not None:
-            sums[width + HISTOGRAM_BUCKETS + bucket_of(r.ttft_ms)] += 1
-    names = [*_SUMS, *(f"lat{i}" for i in range(HISTOGRAM_BUCKETS)),
-             *(f"ttft{i}" for i in range(HISTOGRAM_BUCKETS))]
-    cols = rollup.key_columns
-    # in key order, so that concurrent writers lock rows in the same order (no deadlock)
-    return [dict(zip(cols, key, strict=True)) | dict(zip(names, sums, strict=True))
-            for key, sums in sorted(rows.items())]
+def _dims() -> dict[str, ColumnElement[Any]]:
+    """A record's dimensions as the rollups key them: 0 and "" for none."""
+    t = usage_records.c
+    return {"company_id": func.coalesce(t.company_id, 0),
+            "user_id": func.coalesce(t.user_id, 0), "key_id": func.coalesce(t.key_id, 0),
+            "model": case((t.model_id.is_(None), ""), else_=t.model)}
 
 
-def add_rollups(conn: Connection, records: Sequence[UsageRecord]) -> None:
-    """Add ``records`` (already inserted) to every rollup."""
-    if not records:
-        return
+def _make_sums() -> list[ColumnElement[Any]]:
+    t = usage_records.c
+    return [func.count(), func.count().filter(t.outcome.in_(sorted(ERROR_OUTCOMES))),
+            func.count().filter(t.partial), func.coalesce(func.sum(t.prompt_tokens), 0),
+            func.coalesce(func.sum(t.completion_tokens), 0),
+            func.coalesce(func.sum(t.cached_tokens), 0), func.sum(t.duration_ms),
+            *(func.count().filter(t.lat_bucket == i) for i in range(HISTOGRAM_BUCKETS)),
+            *(func.count().filter(t.ttft_bucket == i) for i in range(HISTOGRAM_BUCKETS))]
+
+
+# Built once: the rollups' sums over raw records, in ``_SUM_COLUMNS`` order (each
+# record's histogram buckets are stored with it, so a bucket is one comparison).
+_RECORD_SUMS = _make_sums()
+_DIMS = _dims()
+
+
+def _epoch_bucket(conn: Connection, grain: int | None) -> ColumnElement[Any]:
+    """The start (epoch seconds, UTC) of the hour, day (``grain``) or month (None) of a
+    record's ``created_at``, in the database's own dialect."""
+    created = usage_records.c.created_at
+    if conn.dialect.name == "postgresql":
+        if grain is None:
+            return func.cast(func.date_part("epoch", func.date_trunc(
+                "month", created, "UTC")), BigInteger)
+        return func.cast(func.floor(func.date_part("epoch", created) / grain) * grain,
+                         BigInteger)
+    if grain is None:
+        return func.cast(func.strftime("%s", created, "start of month"), BigInteger)
+    return func.cast(func.strftime("%s", created), BigInteger) // grain * grain
+
+
+def _rollup_statements(conn: Connection, where: ColumnElement[bool]) -> list[Any]:
+    """One INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE per rollup, over the
+    raw records ``where`` selects, summed by the database itself, in key order (so
+    concurrent writers lock rows in the same order)."""
+    out = []
     for rollup in ROLLUPS:
-        rows = _sums(records, rollup)
+        keys = [_epoch_bucket(conn, rollup.grain), *(_DIMS[d] for d in rollup.dims)]
+        if rollup.month:
+            keys.append(_epoch_bucket(conn, None))
+        columns = rollup.key_columns
+        source = (select(*(k.label(c) for k, c in zip(keys, columns, strict=True)),
+                         *_RECORD_SUMS)
+                  .where(where).group_by(*keys).order_by(*keys))
         table = rollup.table
-        stmt = _insert(conn, table)
-        added = [c for c in rows[0] if c not in rollup.key_columns]
-        stmt = stmt.on_conflict_do_update(
-            index_elements=rollup.key_columns,
-            set_={c: table.c[c] + stmt.excluded[c] for c in added})
-        conn.execute(stmt, rows)
+        stmt = _insert(conn, table).from_select([*columns, *_SUM_COLUMNS], source)
+        out.append(stmt.on_conflict_do_update(
+            index_elements=columns,
+            set_={c: table.c[c] + stmt.excluded[c] for c in _SUM_COLUMNS}))
+    return out
+
+
+def add_rollups(conn: Connection, where: ColumnElement[bool]) -> None:
+    """Add the raw records that ``where`` selects (just inserted) to every rollup."""
+    for stmt in _rollup_statements(conn, where):
+        conn.execute(stmt)
+
+
+# The writer's rollup statements, compiled once per dialect to SQL text with one
+# parameter: the new rows' ids (PostgreSQL), or the highest id before them (SQLite).
+_ROLLUP_SQL: dict[str, list[str]] = {}
+_NEW_ROWS = {"postgresql": ("usage_records.id = ANY(NEW_ROWS)", "%(ids)s"),
+             "sqlite": ("usage_records.id > NEW_ROWS", "?")}
+
+
+def _add_new_rows(conn: Connection, param: Any) -> None:
+    name = conn.dialect.name
+    sql = _ROLLUP_SQL.get(name)
+    if sql is None:
+        condition, placeholder = _NEW_ROWS[name]
+        where = literal_column(condition, Boolean)
+        sql = _ROLLUP_SQL[name] = [
+            str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+            .replace("NEW_ROWS", placeholder) for stmt in _rollup_statements(conn, where)]
+    for statement in sql:
+        conn.exec_driver_sql(statement, param)
 
 
 def write(conn: Connection, records: Sequence[UsageRecord]) -> int:
     """Insert the records not there yet and add them to the rollups, in ``conn``'s
-    transaction; returns how many were new."""
+    transaction (which must not have begun yet); returns how many were new.
+
+    This runs beside the request path for every request, so the raw rows go in by the
+    cheapest way each database has, past SQLAlchemy's per-row handling (each value still
+    passes its column type's bind processor). PostgreSQL: COPY into a temporary table,
+    then one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING id``. SQLite (one
+    writer at a time): the transaction takes the write lock first (``BEGIN IMMEDIATE``),
+    the driver's executemany inserts, and the new rows are those above the highest id
+    seen before."""
     if not records:
         return 0
-    stmt = (_insert(conn, usage_records)
-            .on_conflict_do_nothing(index_elements=["request_id"])
-            .returning(usage_records.c.request_id))
-    rows = [_row(r) for r in records]
-    inserted = set(conn.execute(stmt, rows).scalars())
-    new = [r for r in records if r.request_id in inserted]
-    add_rollups(conn, new)
-    return len(new)
+    rows = _rows(conn, records)
+    if conn.dialect.name == "postgresql":
+        ids = _copy_in(conn, rows)
+        if ids:
+            _add_new_rows(conn, {"ids": ids})
+        return len(ids)
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    before = conn.execute(select(func.coalesce(func.max(usage_records.c.id), 0))).scalar_one()
+    conn.exec_driver_sql(_compiled_insert(conn)[0], rows)
+    new = conn.execute(select(func.count()).where(usage_records.c.id > before)).scalar_one()
+    if new:
+        _add_new_rows(conn, (before,))
+    return int(new)
 
 
-_FIELDS = UsageRecord.__slots__
+_COLUMNS = [*UsageRecord.__slots__, "lat_bucket", "ttft_bucket"]
+_Processors = list[tuple[int, Callable[[Any], Any]]]
+_COMPILED: dict[str, tuple[str, list[str], _Processors]] = {}
 
 
-def _row(r: UsageRecord) -> dict[str, Any]:
-    return {name: getattr(r, name) for name in _FIELDS}
+def _compiled_insert(conn: Connection) -> tuple[str, list[str], _Processors]:
+    """``INSERT ... ON CONFLICT (request_id) DO NOTHING`` compiled once per dialect: the
+    SQL, its parameter names in order, and the (index, bind processor) pairs."""
+    dialect = conn.dialect
+    found = _COMPILED.get(dialect.name)
+    if found is None:
+        stmt = _insert(conn, usage_records).on_conflict_do_nothing(
+            index_elements=["request_id"])
+        compiled = stmt.compile(dialect=dialect, column_keys=_COLUMNS)
+        names = list(compiled.positiontup or _COLUMNS)
+        processors: _Processors = []
+        for i, name in enumerate(names):
+            process = usage_records.c[name].type.dialect_impl(dialect).bind_processor(
+                dialect)
+            if process is not None:
+                processors.append((i, process))
+        found = _COMPILED[dialect.name] = (str(compiled), names, processors)
+    return found
+
+
+def _rows(conn: Connection, records: Sequence[UsageRecord]) -> list[Any]:
+    """Each record's values in the compiled statement's order, bind-processed (lists,
+    for COPY, on PostgreSQL; tuples for SQLite's positional parameters)."""
+    _, names, processors = _compiled_insert(conn)
+    positional = conn.dialect.name != "postgresql"
+    out: list[Any] = []
+    fields = [n for n in names if n not in ("lat_bucket", "ttft_bucket")]
+    lat, ttft = names.index("lat_bucket"), names.index("ttft_bucket")
+    get = attrgetter(*fields)
+    bounds = LATENCY_BOUNDS
+    for r in records:
+        values = list(get(r))
+        values.insert(min(lat, ttft), None)
+        values.insert(max(lat, ttft), None)
+        values[lat] = bisect_right(bounds, r.duration_ms)
+        values[ttft] = None if r.ttft_ms is None else bisect_right(bounds, r.ttft_ms)
+        for i, process in processors:
+            values[i] = process(values[i])
+        out.append(tuple(values) if positional else values)
+    return out
+
+
+def _copy_in(conn: Connection, rows: list[Any]) -> list[int]:
+    """PostgreSQL: the rows COPYed into a temporary table (emptied at commit), then
+    inserted where their request id is new; the ids of the new rows."""
+    _, names, _ = _compiled_insert(conn)
+    columns = ", ".join(names)
+    raw: Any = conn.connection.dbapi_connection
+    with raw.cursor() as cur:
+        cur.execute("CREATE TEMPORARY TABLE IF NOT EXISTS usage_incoming ON COMMIT DELETE "
+                    f"ROWS AS SELECT {columns} FROM usage_records WITH NO DATA")
+        with cur.copy(f"COPY usage_incoming ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(f"INSERT INTO usage_records ({columns}) SELECT {columns} FROM "
+                    "usage_incoming ON CONFLICT (request_id) DO NOTHING RETURNING id")
+        return [row[0] for row in cur.fetchall()]
 
 
 def prune(conn: Connection, before: datetime, *, limit: int = 10_000) -> int:
@@ -253,23 +374,9 @@ def _constant_bucket(ts: int, bucket: str) -> int:
     return month_start(ts)
 
 
-def _histogram_sums(value: ColumnElement[Any]) -> list[ColumnElement[Any]]:
-    bounds = (0.0, *LATENCY_BOUNDS)
-    out: list[ColumnElement[Any]] = []
-    for i in range(HISTOGRAM_BUCKETS):
-        cond = value >= bounds[i] if i == len(LATENCY_BOUNDS) else and_(
-            value >= bounds[i], value < bounds[i + 1])
-        out.append(func.sum(case((cond, 1), else_=0)))
-    return out
-
-
 def _raw_select(q: ReportQuery, a: int, b: int) -> Any:
     t = usage_records.c
-    dims: dict[str, ColumnElement[Any]] = {
-        "company_id": func.coalesce(t.company_id, 0), "user_id": func.coalesce(t.user_id, 0),
-        "key_id": func.coalesce(t.key_id, 0),
-        "model": case((t.model_id.is_(None), ""), else_=t.model)}
-    groups = [dims[d].label(d) for d in q.group_by]
+    groups = [_DIMS[d].label(d) for d in q.group_by]
     where = [t.created_at >= datetime.fromtimestamp(a, UTC),
              t.created_at < datetime.fromtimestamp(b, UTC)]
     for name in ("company_id", "user_id", "key_id"):
@@ -277,12 +384,8 @@ def _raw_select(q: ReportQuery, a: int, b: int) -> Any:
             where.append(t[name] == getattr(q, name))
     if q.model is not None:
         where += [t.model == q.model, t.model_id.is_not(None)]
-    sums = [func.count(), func.sum(case((t.outcome.in_(sorted(ERROR_OUTCOMES)), 1), else_=0)),
-            func.sum(case((t.partial, 1), else_=0)), func.sum(t.prompt_tokens),
-            func.sum(t.completion_tokens), func.sum(t.cached_tokens), func.sum(t.duration_ms)]
-    return (select(literal(_constant_bucket(a, q.bucket)).label("b"), *groups, *sums,
-                   *_histogram_sums(t.duration_ms), *_histogram_sums(t.ttft_ms))
-            .where(*where).group_by(*groups))
+    return (select(literal(_constant_bucket(a, q.bucket)).label("b"), *groups,
+                   *_RECORD_SUMS).where(*where).group_by(*groups))
 
 
 def _rollup_select(q: ReportQuery, source: str, a: int, b: int) -> Any:

@@ -55,8 +55,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("cached_tokens", sa.Integer, nullable=True))
         batch.add_column(sa.Column("ttft_ms", sa.Integer, nullable=True))
         batch.add_column(sa.Column("gateway_us", sa.BigInteger, nullable=True))
+        batch.add_column(sa.Column("lat_bucket", sa.SmallInteger, nullable=False,
+                                   server_default="0"))
+        batch.add_column(sa.Column("ttft_bucket", sa.SmallInteger, nullable=True))
     with op.batch_alter_table("usage_records") as batch:
-        for name in ("endpoint", "n", "partial"):
+        for name in ("endpoint", "n", "partial", "lat_bucket"):
             batch.alter_column(name, server_default=None)
     dims = [("company_id", sa.Integer), ("user_id", sa.Integer), ("key_id", sa.Integer),
             ("model", sa.String(200))]
@@ -68,28 +71,24 @@ def upgrade() -> None:
 
 
 def _fill_rollups() -> None:
-    # The writer's own arithmetic (store.usage), so that old and new records are summed
-    # the same way; records are read in chunks, in id order.
+    # Each old record's latency bucket, then the writer's own statements (store.usage),
+    # so that old and new records are summed the same way, by the database.
     from paragate.store import usage
-    from paragate.store.records import UsageRecord
-    from paragate.store.schema import usage_records
+    from paragate.store.schema import LATENCY_BOUNDS
 
-    bind = op.get_bind()
-    last = 0
-    while True:
-        rows = bind.execute(sa.select(usage_records).where(usage_records.c.id > last)
-                            .order_by(usage_records.c.id).limit(5000)).all()
-        if not rows:
-            return
-        last = rows[-1].id
-        usage.add_rollups(bind, [
-            UsageRecord(**{k: v for k, v in r._mapping.items() if k != "id"}) for r in rows])
+    duration = sa.column("duration_ms", sa.Integer)
+    bucket = sa.case(*((duration < bound, i) for i, bound in enumerate(LATENCY_BOUNDS)),
+                     else_=len(LATENCY_BOUNDS))
+    op.execute(sa.table("usage_records", sa.column("lat_bucket")).update().values(
+        lat_bucket=bucket))
+    usage.add_rollups(op.get_bind(), sa.true())
 
 
 def downgrade() -> None:
     for name in ("usage_daily_company", "usage_daily", "usage_hourly"):
         op.drop_table(name)
     with op.batch_alter_table("usage_records") as batch:
-        for name in ("gateway_us", "ttft_ms", "cached_tokens", "partial", "error_type", "n",
+        for name in ("ttft_bucket", "lat_bucket", "gateway_us", "ttft_ms", "cached_tokens",
+                     "partial", "error_type", "n",
                      "upstream", "endpoint", "client_request_id"):
             batch.drop_column(name)
