@@ -84,41 +84,33 @@ def day_of_records(day: int, count: int, rnd: random.Random, key_of: Callable[[]
     return out
 
 
-def copy_rows(raw: Any, table: str, columns: list[str], rows: Iterator[tuple[Any, ...]]
-              ) -> None:
-    with raw.cursor() as cur, cur.copy(
-            f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
-
-
 def load(store: Store, total: int, say_every: int = 5) -> float:
-    """``total`` records over DAYS days, with their rollups; returns the seconds taken."""
+    """``total`` records over DAYS days, with their rollups; returns the seconds taken.
+    Each day: the records' rows as the writer makes them (``store.usage._rows``), COPYed
+    in, then the writer's own rollup statements over that day, in one transaction."""
     started = time.monotonic()
     rnd = random.Random(0)
     key_of = zipf_picker(KEYS, 1.1, rnd)
     model_of = zipf_picker(MODELS, 1.5, rnd)
-    fields = list(UsageRecord.__slots__)
     per_day = total // DAYS
-    raw = store.engine.raw_connection()
-    try:
-        for day in range(DAYS):
-            records = day_of_records(day, per_day + (total % DAYS if day == 0 else 0), rnd,
-                                     key_of, model_of, day * per_day * 2)
-            copy_rows(raw, "usage_records", fields,
-                      (tuple(getattr(r, f) for f in fields) for r in records))
-            raw.commit()
-            # the writer's own rollup statements, over the day just loaded
-            t = usage_records.c
-            with store.engine.begin() as conn:
-                usage_store.add_rollups(conn, and_(
-                    t.created_at >= START + timedelta(days=day),
-                    t.created_at < START + timedelta(days=day + 1)))
-            if (day + 1) % say_every == 0:
-                say(f"  day {day + 1}/{DAYS}: {(day + 1) * per_day:,} records, "
-                    f"{time.monotonic() - started:.0f} s")
-    finally:
-        raw.close()
+    t = usage_records.c
+    for day in range(DAYS):
+        records = day_of_records(day, per_day + (total % DAYS if day == 0 else 0), rnd,
+                                 key_of, model_of, day * per_day * 2)
+        with store.engine.begin() as conn:
+            names = usage_store._compiled_insert(conn)[1]
+            rows = usage_store._rows(conn, records)
+            raw: Any = conn.connection.dbapi_connection
+            with raw.cursor() as cur, cur.copy(
+                    f"COPY usage_records ({', '.join(names)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            usage_store.add_rollups(conn, and_(
+                t.created_at >= START + timedelta(days=day),
+                t.created_at < START + timedelta(days=day + 1)))
+        if (day + 1) % say_every == 0:
+            say(f"  day {day + 1}/{DAYS}: {(day + 1) * per_day:,} records, "
+                f"{time.monotonic() - started:.0f} s")
     with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
     return time.monotonic() - started

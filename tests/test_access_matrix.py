@@ -18,6 +18,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -96,8 +97,10 @@ def world(store: Store, fake: FakeVLLM) -> World:
 
 
 @pytest.fixture
-async def gw(store: Store, world: World) -> AsyncIterator[Gateway]:
-    gateway = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url)), store)
+async def gw(store: Store, world: World, tmp_path: Path) -> AsyncIterator[Gateway]:
+    gateway = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url),
+                                                  journal_dir=str(tmp_path / "journal")),
+                            store)
     await gateway.start()  # after the seeding: its first view holds the whole population
     yield gateway
     await gateway.stop()

@@ -4,6 +4,7 @@ keys, the audit log, client addresses, and how the gateway's view follows the st
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,7 @@ class Tenancy:
 
 
 async def _gateway(store: Store, **settings: Any) -> Gateway:
+    settings.setdefault("journal_dir", tempfile.mkdtemp(prefix="paragate-journal-"))
     gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url), **settings), store)
     await gw.start()
     return gw
@@ -261,9 +263,10 @@ async def test_a_renamed_model_keeps_its_keys(api: httpx.AsyncClient, tenancy: T
     assert r.status_code == 200 and r.json()["model"] == "alfred-5"
     assert_envelope(await complete(api, key), 404, "model_not_found", "model")
     await asyncio.sleep(0.2)  # usage written
-    usage = gateway.store.list_usage()
-    assert usage[-1].model == "alfred-5" and usage[-1].model_id is not None
-    assert usage[-1].company_id == tenancy.company and usage[-1].user_id == tenancy.user_id
+    *_, done, refused = gateway.store.list_usage()  # the 404 is recorded too
+    assert done.model == "alfred-5" and done.model_id is not None and done.status == 200
+    assert done.company_id == tenancy.company and done.user_id == tenancy.user_id
+    assert (refused.model, refused.model_id, refused.status) == ("alfred-4.2", None, 404)
 
 
 async def test_models_per_company(api: httpx.AsyncClient, tenancy: Tenancy,
@@ -419,7 +422,7 @@ async def test_refresh_does_not_wait_behind_usage_writes(postgres_url: str, stor
             async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
                 assert (await complete(api, tenancy.user)).status_code == 200
                 await asyncio.sleep(0.3)  # the usage writer is now stuck on the lock
-                assert gw.recorder.pending == 0 and gw.recorder.written == 0
+                assert gw.writer.written == 0 and gw.journal.pending() == 1
                 await asyncio.to_thread(control.keys.revoke, store, CLI,
                                         tenancy.user.split("-")[1])
                 revoked_at = time.monotonic()

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from paragate.gateway import Gateway
 from paragate.store import _MIGRATIONS as MIGRATIONS
 from paragate.store import Store
 from paragate.store.schema import audit_log, usage_records
+from paragate.store.usage import ReportQuery, bucket_of
 
 from .conftest import CLI, POSTGRES_ADMIN_URL, TEST_SETTINGS
 from .fake_vllm import FakeVLLM
@@ -178,7 +180,7 @@ def _at_0002(url: str) -> None:
 
 
 async def test_a_database_of_the_previous_release_upgrades_in_place(
-        store_url: str, fake: FakeVLLM) -> None:
+        store_url: str, fake: FakeVLLM, tmp_path: Path) -> None:
     _at_0002(store_url)
     engine = create_engine(Store(store_url).url)
     tokens = {}
@@ -205,7 +207,8 @@ async def test_a_database_of_the_previous_release_upgrades_in_place(
 
     store = Store(store_url)
     store.migrate()
-    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url)), store)
+    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url),
+                                             journal_dir=str(tmp_path / "journal")), store)
     await gw.start()
     try:
         transport = httpx.ASGITransport(app=App(gw))
@@ -236,6 +239,11 @@ async def test_a_database_of_the_previous_release_upgrades_in_place(
         await gw.stop()
     (old,) = [u for u in store.list_usage() if u.request_id == "r1"]
     assert old.model_id is not None and old.user_id is not None and old.company_id == 1
+    # 0004: the old record is in the rollups that reports read, with its latency bucket
+    (day,) = store.usage_report(ReportQuery(start=datetime(2026, 11, 30, tzinfo=UTC),
+                                            end=datetime(2026, 12, 1, tzinfo=UTC)))
+    assert (day.value("requests"), day.value("duration_ms"), sum(day.latency)) == (1, 5, 1)
+    assert day.latency[bucket_of(5)] == 1
     store.close()
 
 
@@ -254,7 +262,7 @@ def test_gateways_starting_at_once_migrate_one_after_the_other(
     assert codes == [0, 0, 0, 0], [log.read_text() for log in logs]
     store = Store(fresh_pg)
     with store.read() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
         assert conn.execute(text("SELECT count(*) FROM companies")).scalar() == 1
     store.close()
 

@@ -199,7 +199,8 @@ def test_upstream_body_rewrites() -> None:
                                        max_tokens_limit=None))
     assert out["model"] == "served"
     assert out["max_tokens"] == 9
-    assert out["stream_options"] == {"include_usage": True}
+    # usage asked for on paragate's own behalf, running and final (the relay strips it)
+    assert out["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert req.include_usage is False
 
 

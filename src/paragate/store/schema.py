@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
     text,
 )
 
@@ -204,17 +205,17 @@ usage_records = Table(
     Column("total_tokens", Integer, nullable=True),
     Column("duration_ms", Integer, nullable=False),
     Column("client_request_id", String(128), nullable=True),
-    Column("endpoint", String(64), nullable=False),
+    Column("endpoint", String(64), nullable=False, server_default="/api/v2/completions"),
     Column("upstream", String(500), nullable=True),
-    Column("n", Integer, nullable=False),
+    Column("n", Integer, nullable=False, server_default="1"),
     Column("error_type", String(64), nullable=True),
-    Column("partial", Boolean, nullable=False),
+    Column("partial", Boolean, nullable=False, server_default=false()),
     Column("cached_tokens", Integer, nullable=True),
     Column("ttft_ms", Integer, nullable=True),
     Column("gateway_us", BigInteger, nullable=True),
     # the histogram buckets (below) of duration_ms and ttft_ms, so that the rollups'
     # sums are one comparison each
-    Column("lat_bucket", SmallInteger, nullable=False),
+    Column("lat_bucket", SmallInteger, nullable=False, server_default="0"),
     Column("ttft_bucket", SmallInteger, nullable=True),
 )
 

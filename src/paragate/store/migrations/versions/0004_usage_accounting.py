@@ -43,24 +43,22 @@ def _rollup(name: str, *dims: tuple[str, Any]) -> None:
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("usage_records") as batch:
-        batch.add_column(sa.Column("client_request_id", sa.String(128), nullable=True))
-        batch.add_column(sa.Column("endpoint", sa.String(64), nullable=False,
-                                   server_default="/api/v2/completions"))
-        batch.add_column(sa.Column("upstream", sa.String(500), nullable=True))
-        batch.add_column(sa.Column("n", sa.Integer, nullable=False, server_default="1"))
-        batch.add_column(sa.Column("error_type", sa.String(64), nullable=True))
-        batch.add_column(sa.Column("partial", sa.Boolean, nullable=False,
-                                   server_default=sa.false()))
-        batch.add_column(sa.Column("cached_tokens", sa.Integer, nullable=True))
-        batch.add_column(sa.Column("ttft_ms", sa.Integer, nullable=True))
-        batch.add_column(sa.Column("gateway_us", sa.BigInteger, nullable=True))
-        batch.add_column(sa.Column("lat_bucket", sa.SmallInteger, nullable=False,
-                                   server_default="0"))
-        batch.add_column(sa.Column("ttft_bucket", sa.SmallInteger, nullable=True))
-    with op.batch_alter_table("usage_records") as batch:
-        for name in ("endpoint", "n", "partial", "lat_bucket"):
-            batch.alter_column(name, server_default=None)
+    # Plain ADD COLUMNs (constant defaults where NOT NULL): no table copy on SQLite.
+    for column in (
+        sa.Column("client_request_id", sa.String(128), nullable=True),
+        sa.Column("endpoint", sa.String(64), nullable=False,
+                  server_default="/api/v2/completions"),
+        sa.Column("upstream", sa.String(500), nullable=True),
+        sa.Column("n", sa.Integer, nullable=False, server_default="1"),
+        sa.Column("error_type", sa.String(64), nullable=True),
+        sa.Column("partial", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("cached_tokens", sa.Integer, nullable=True),
+        sa.Column("ttft_ms", sa.Integer, nullable=True),
+        sa.Column("gateway_us", sa.BigInteger, nullable=True),
+        sa.Column("lat_bucket", sa.SmallInteger, nullable=False, server_default="0"),
+        sa.Column("ttft_bucket", sa.SmallInteger, nullable=True),
+    ):
+        op.add_column("usage_records", column)
     dims = [("company_id", sa.Integer), ("user_id", sa.Integer), ("key_id", sa.Integer),
             ("model", sa.String(200))]
     _rollup("usage_hourly", *dims)
@@ -73,6 +71,8 @@ def upgrade() -> None:
 def _fill_rollups() -> None:
     # Each old record's latency bucket, then the writer's own statements (store.usage),
     # so that old and new records are summed the same way, by the database.
+    if op.get_bind().execute(sa.text("SELECT 1 FROM usage_records LIMIT 1")).first() is None:
+        return  # a new database: nothing to sum (and compiling the sums takes a while)
     from paragate.store import usage
     from paragate.store.schema import LATENCY_BOUNDS
 
