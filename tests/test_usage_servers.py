@@ -69,6 +69,33 @@ async def test_no_chunk_is_held_back_for_usage(tmp_path: Path, sqlite_store: Sto
         await asyncio.to_thread(gw.stop)
 
 
+async def test_client_disconnect_mid_stream_gives_a_partial_record(
+        tmp_path: Path, sqlite_store: Store, fake: FakeVLLM) -> None:
+    """The record holds the prompt tokens and the completion tokens vLLM had reported
+    (its running usage) when the gateway last heard from it."""
+    keys = seed(sqlite_store, fake)
+    gw = await asyncio.to_thread(start_gateway, tmp_path, str(sqlite_store.url))
+    try:
+        body = {"model": "slow", "prompt": "x", "max_tokens": 200, "stream": True}
+        seen = ""
+        async with httpx.AsyncClient(timeout=10) as client, client.stream(
+                "POST", gw.url + "/api/v2/completions", json=body,
+                headers={"Authorization": f"Bearer {keys.full}"}) as r:
+            async for text in r.aiter_text():
+                seen += text
+                if seen.count('"text"') >= 3:
+                    break  # hang up after three tokens
+        (record,) = await wait_records(sqlite_store, lambda rs: len(rs) == 1)
+        # one token every 50 ms: the gateway heard of at most a few more than we read
+        assert record.outcome == "client_disconnected" and record.partial
+        assert record.status == 200 and record.prompt_tokens == 3
+        assert record.completion_tokens is not None
+        assert 3 <= record.completion_tokens <= 3 + 10
+        assert '"usage"' not in seen  # the running usage never reached the client
+    finally:
+        await asyncio.to_thread(gw.stop)
+
+
 async def test_shutdown_sequence(tmp_path: Path, sqlite_store: Store,
                                  fake: FakeVLLM) -> None:
     keys = seed(sqlite_store, fake)
