@@ -224,7 +224,7 @@ class Store:
 
     def list_usage(self) -> list[UsageRecord]:
         """Every raw record, in the order written (for tests and tools)."""
-        fields = UsageRecord.__slots__
+        fields = UsageRecord.__struct_fields__
         with self.engine.connect() as conn:
             rows = conn.execute(select(*(usage_records.c[f] for f in fields))
                                 .order_by(usage_records.c.id)).all()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
+
 __all__ = [
     "AuditRecord",
     "Changes",
@@ -118,9 +120,10 @@ class Changes:
         return len(self.companies) + len(self.users) + len(self.keys) + len(self.models)
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One authenticated request, whatever became of it (see docs/usage.md).
+class UsageRecord(msgspec.Struct, frozen=True):
+    """One authenticated request, whatever became of it (see docs/usage.md). A msgspec
+    struct, not a dataclass: one is made on the request path for every request, and a
+    frozen dataclass takes microseconds to build.
 
     ``request_id`` is the gateway's own (unique: the key that makes writes idempotent);
     ``client_request_id`` is the client's ``x-request-id``, kept beside it. Token counts

@@ -231,7 +231,7 @@ def write(conn: Connection, records: Sequence[UsageRecord]) -> int:
     return int(new)
 
 
-_COLUMNS = [*UsageRecord.__slots__, "lat_bucket", "ttft_bucket"]
+_COLUMNS = [*UsageRecord.__struct_fields__, "lat_bucket", "ttft_bucket"]
 _Processors = list[tuple[int, Callable[[Any], Any]]]
 _COMPILED: dict[str, tuple[str, list[str], _Processors]] = {}
 
