@@ -4,8 +4,8 @@ Tiers: lint (ruff, mypy strict on src/), then pytest's in-process and real-serve
 (SQLite and PostgreSQL), then the end-to-end tier against real vLLM (which installs
 vLLM's CPU build into its own cached venv on first use), then the benchmark in its smoke
 mode (every step for about a second, no thresholds: it only proves the benchmark still
-runs), and bench/control_plane.py's smoke mode likewise. `--fast` skips the real-vLLM
-tier and the benchmarks.
+runs), and bench/control_plane.py's and bench/usage.py's smoke modes likewise. `--fast`
+skips the real-vLLM tier and the benchmarks.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def main() -> int:
             tiers.append(("benchmark: control plane at scale, smoke run "
                           "(bench/control_plane.py --smoke)",
                           [sys.executable, "bench/control_plane.py", "--smoke"]))
+        tiers.append(("benchmark: usage accounting at scale, smoke run "
+                      "(bench/usage.py --smoke)",
+                      [sys.executable, "bench/usage.py", "--smoke"]))
     timings = []
     failed = []
     for name, command in tiers:
