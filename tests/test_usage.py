@@ -339,3 +339,31 @@ async def test_journaled_before_the_response_ends(
     assert r.text.endswith("data: [DONE]\n\n")
     records, _ = gateway.journal.read(10)
     assert [(x.status, x.completion_tokens) for x in records] == [(200, 2)]
+
+
+@pytest.mark.parametrize(("event", "expected"), [
+    (b'data: {"id":"c","choices":[{"index":0,"text":" }{"}],"usage":{"prompt_tokens":5,'
+     b'"total_tokens":12,"completion_tokens":7}}',
+     b'data: {"id":"c","choices":[{"index":0,"text":" }{"}]}'),
+    (b'data: {"choices":[],"usage":{"prompt_tokens":5,"prompt_tokens_details":'
+     b'{"cached_tokens":2},"completion_tokens":7},"x":1}', b'data: {"choices":[],"x":1}'),
+    (b'data: {"choices":[{"index":0,"text":"a"}]}', b'data: {"choices":[{"index":0,"text":"a"}]}'),
+])
+def test_running_usage_removed_as_vllm_would_leave_it_out(event: bytes,
+                                                          expected: bytes) -> None:
+    from paragate.proxy import _strip_usage
+
+    assert _strip_usage(event) == expected
+
+
+def test_a_dead_letter_replayed_once_its_cause_is_gone(store: Store, tmp_path: Path) -> None:
+    from paragate.usage import DeadLetters
+
+    letters = DeadLetters(tmp_path / "dead-letter.jsonl")
+    letters.add(rec(1), "DataError: it was refused then")
+    letters.add(rec(2), "DataError: it was refused then")
+    store.insert_usage([rec(2)])  # one got in meanwhile (written by another path)
+    assert letters.replay(store) == (1, 1, 0)  # written, already there, still failing
+    assert letters.path.read_text() == ""
+    assert sorted(r.request_id for r in store.list_usage()) == ["req-1", "req-2"]
+    assert letters.replay(store) == (0, 0, 0)

@@ -179,12 +179,20 @@ async def relay_json(upstreams: Upstreams, target: Target, send: Send, ex: Excha
 def _strip_usage(event: bytes) -> bytes:
     """The chunk without the ``"usage"`` member that paragate asked vLLM for: the bytes
     vLLM sends when it is not asked (it leaves unset fields out). A JSON string cannot
-    hold an unescaped quote, so ``,"usage":{`` can only be the member itself."""
+    hold an unescaped quote, so ``,"usage":{`` can only be the member itself. A chunk's
+    running usage is flat (numbers only), so its first ``}`` ends it; a nested object,
+    should vLLM ever add one, is walked brace by brace."""
     at = event.rfind(b',"usage":{')
     if at < 0:
         return event
-    depth, i = 0, at + 9
-    while i < len(event):
+    start = at + 10
+    end = event.find(b"}", start)
+    if end < 0:
+        return event  # pragma: no cover - vLLM's JSON is whole
+    if b"{" not in event[start:end]:
+        return event[:at] + event[end + 1:]
+    depth = 1
+    for i in range(start, len(event)):
         c = event[i]
         if c == 123:  # {
             depth += 1
@@ -192,7 +200,6 @@ def _strip_usage(event: bytes) -> bytes:
             depth -= 1
             if depth == 0:
                 return event[:at] + event[i + 1:]
-        i += 1
     return event  # pragma: no cover - vLLM's JSON is whole
 
 
