@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -202,6 +203,12 @@ TEST_SETTINGS = Settings(refresh_interval=0.05, usage_flush_interval=0.05,
                          max_body_bytes=64 * 1024)
 
 
+def build_gateway(store: Store, tmp_path: Path, **settings: Any) -> Gateway:
+    """A gateway on ``store`` with the test settings, its usage journal in ``tmp_path``."""
+    return Gateway.build(TEST_SETTINGS.replace(
+        database_url=str(store.url), journal_dir=str(tmp_path / "journal"), **settings), store)
+
+
 @pytest.fixture
 def keys(store: Store, fake: FakeVLLM) -> Keys:
     return seed(store, fake)
@@ -209,8 +216,7 @@ def keys(store: Store, fake: FakeVLLM) -> Keys:
 
 @pytest.fixture
 async def gateway(store: Store, keys: Keys, tmp_path: Path) -> AsyncIterator[Gateway]:
-    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url),
-                                             journal_dir=str(tmp_path / "journal")), store)
+    gw = build_gateway(store, tmp_path)
     await gw.start()
     yield gw
     await gw.stop()

@@ -32,7 +32,7 @@ from paragate.gateway import Gateway
 from paragate.store import Store
 from paragate.store.schema import audit_log
 
-from .conftest import CLI, TEST_SETTINGS, force_expiry
+from .conftest import CLI, build_gateway, force_expiry
 from .fake_vllm import FakeVLLM
 from .test_completions import auth
 
@@ -98,9 +98,7 @@ def world(store: Store, fake: FakeVLLM) -> World:
 
 @pytest.fixture
 async def gw(store: Store, world: World, tmp_path: Path) -> AsyncIterator[Gateway]:
-    gateway = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url),
-                                                  journal_dir=str(tmp_path / "journal")),
-                            store)
+    gateway = build_gateway(store, tmp_path)
     await gateway.start()  # after the seeding: its first view holds the whole population
     yield gateway
     await gateway.stop()

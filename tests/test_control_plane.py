@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ from paragate.control.users import SYSTEM_ADMIN
 from paragate.gateway import Gateway
 from paragate.store import Store
 
-from .conftest import CLI, TEST_SETTINGS, Keys, force_expiry
+from .conftest import CLI, Keys, build_gateway, force_expiry
 from .test_completions import assert_envelope, auth
 
 
@@ -52,8 +53,7 @@ class Tenancy:
 
 
 async def _gateway(store: Store, **settings: Any) -> Gateway:
-    settings.setdefault("journal_dir", tempfile.mkdtemp(prefix="paragate-journal-"))
-    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url), **settings), store)
+    gw = build_gateway(store, Path(tempfile.mkdtemp(prefix="paragate-test-")), **settings)
     await gw.start()
     return gw
 

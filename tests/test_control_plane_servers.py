@@ -28,13 +28,12 @@ from paragate import control
 from paragate.app import App
 from paragate.auth import new_key
 from paragate.control.users import SYSTEM_ADMIN
-from paragate.gateway import Gateway
 from paragate.store import _MIGRATIONS as MIGRATIONS
 from paragate.store import Store
 from paragate.store.schema import audit_log, usage_records
 from paragate.store.usage import ReportQuery, bucket_of
 
-from .conftest import CLI, POSTGRES_ADMIN_URL, TEST_SETTINGS
+from .conftest import CLI, POSTGRES_ADMIN_URL, build_gateway
 from .fake_vllm import FakeVLLM
 from .servers import GatewayProcess, TcpProxy, start_gateway
 from .test_cli import run as cli
@@ -207,8 +206,7 @@ async def test_a_database_of_the_previous_release_upgrades_in_place(
 
     store = Store(store_url)
     store.migrate()
-    gw = Gateway.build(TEST_SETTINGS.replace(database_url=str(store.url),
-                                             journal_dir=str(tmp_path / "journal")), store)
+    gw = build_gateway(store, tmp_path)
     await gw.start()
     try:
         transport = httpx.ASGITransport(app=App(gw))

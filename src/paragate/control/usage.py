@@ -138,14 +138,14 @@ def rows(found: Sequence[ReportRow], group_by: Sequence[str],
     return out
 
 
-def _columns(data: Sequence[Mapping[str, Any]], group_by: Sequence[str]) -> list[str]:
+def _columns(group_by: Sequence[str]) -> list[str]:
     return [c for c in COLUMNS if c not in DIMENSIONS or c in group_by]
 
 
 def to_csv(data: Sequence[Mapping[str, Any]], group_by: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    columns = _columns(data, group_by)
+    columns = _columns(group_by)
     writer.writerow(columns)
     for row in data:
         writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
@@ -153,7 +153,7 @@ def to_csv(data: Sequence[Mapping[str, Any]], group_by: Sequence[str]) -> str:
 
 
 def to_table(data: Sequence[Mapping[str, Any]], group_by: Sequence[str]) -> str:
-    columns = _columns(data, group_by)
+    columns = _columns(group_by)
     cells = [[("-" if row.get(c) is None else str(row[c])) for c in columns] for row in data]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]

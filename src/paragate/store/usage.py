@@ -265,13 +265,12 @@ def _rows(conn: Connection, records: Sequence[UsageRecord]) -> list[Any]:
     fields = [n for n in names if n not in ("lat_bucket", "ttft_bucket")]
     lat, ttft = names.index("lat_bucket"), names.index("ttft_bucket")
     get = attrgetter(*fields)
-    bounds = LATENCY_BOUNDS
     for r in records:
         values = list(get(r))
         values.insert(min(lat, ttft), None)
         values.insert(max(lat, ttft), None)
-        values[lat] = bisect_right(bounds, r.duration_ms)
-        values[ttft] = None if r.ttft_ms is None else bisect_right(bounds, r.ttft_ms)
+        values[lat] = bucket_of(r.duration_ms)
+        values[ttft] = None if r.ttft_ms is None else bucket_of(r.ttft_ms)
         for i, process in processors:
             values[i] = process(values[i])
         out.append(tuple(values) if positional else values)
