@@ -213,10 +213,12 @@ def table(title: str, head: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 class Bench:
     def __init__(self, plan: Plan, procs: Procs, tmp: Path, profile: bool,
-                 population: str | None = None) -> None:
+                 population: str | None = None, gateway_env: dict[str, str] | None = None
+                 ) -> None:
         self.plan, self.procs, self.tmp, self.profile_on = plan, procs, tmp, profile
         self.population = population
-        self.env = {**BASE_ENV, "PARAGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db"}
+        self.env = {**BASE_ENV, "PARAGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db",
+                    **(gateway_env or {})}
         self.rows: list[tuple[str, str, str, str]] = []
         self.details: list[str] = []
         self.notes: list[str] = []
@@ -712,6 +714,9 @@ def parse() -> argparse.Namespace:
                     "under wrk at the best concurrency, into bench/profiles/")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (the "
                     "store, every process's output)")
+    ap.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a PARAGATE_* setting for the gateway (repeatable), to measure "
+                    "what one setting costs")
     ap.add_argument("--population", metavar="DB", help="run on a copy of this SQLite store, "
                     "pre-loaded with companies, users and keys (bench/control_plane.py), with "
                     "one of its company users' keys instead of a fresh one; writes a file "
@@ -750,7 +755,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="paragate-bench-"))
     pin = {0, 1} <= os.sched_getaffinity(0)
     procs = Procs(tmp, pin)
-    bench = Bench(plan, procs, tmp, args.profile, args.population)
+    gateway_env = dict(kv.split("=", 1) for kv in args.gateway_env)
+    bench = Bench(plan, procs, tmp, args.profile, args.population, gateway_env)
+    for name, value in gateway_env.items():
+        bench.notes.append(f"The gateway ran with `{name}={value}`.")
     if not pin:
         bench.notes.append("**Nothing pinned**: cores 0 and 1 are not both available here.")
     try:
