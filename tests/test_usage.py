@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -192,6 +193,30 @@ async def test_a_poison_record_is_isolated_and_the_others_written(
     # an operator fixes what was wrong and replays: here the row stays bad, and stays
     assert writer.dead_letters.replay(store) == (0, 0, 1)
     assert len(writer.dead_letters.path.read_text().splitlines()) == 1
+
+
+async def test_a_stop_during_a_pass_still_writes_what_came_meanwhile(
+        store: Store, writer_for: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the writer returned right after the pass during which it was told to
+    stop, so a record journaled while that pass was busy (here: in the first pruning,
+    which a lock elsewhere can hold up) stayed behind until the next start."""
+    writer = writer_for(store)  # type: ignore[operator]
+    pruning, release = threading.Event(), threading.Event()
+    prune = store.prune_usage
+
+    def slow_prune(before: datetime) -> int:
+        pruning.set()
+        release.wait(10)
+        return prune(before)
+
+    monkeypatch.setattr(store, "prune_usage", slow_prune)
+    task = asyncio.create_task(writer.run())
+    await asyncio.to_thread(pruning.wait, 10)
+    writer.journal.append(rec(1))
+    writer.stop()
+    release.set()
+    await asyncio.wait_for(task, 10)
+    assert count(store) == 1 and writer.journal.pending() == 0
 
 
 @pytest.mark.postgres

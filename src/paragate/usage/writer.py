@@ -157,6 +157,10 @@ class UsageWriter:
         backoff = self._interval
         next_takeover = next_prune = 0.0
         while True:
+            # A stop that came before this pass makes it the last one: every record the
+            # stopped server made is in the journal by now, so this pass reads them all
+            # (a stop seen only after the pass could miss what came during it).
+            last = self._stopping.is_set()
             now = time.monotonic()
             if now >= next_takeover:
                 next_takeover = now + self._takeover_interval
@@ -169,7 +173,7 @@ class UsageWriter:
                                 time.monotonic() - self.failing_since)
                 self.failing_since = None
                 backoff = self._interval
-                if self._retention and now >= next_prune:
+                if self._retention and now >= next_prune and not last:
                     next_prune = now + 3600
                     await self._prune()
             except Exception as exc:
@@ -178,7 +182,7 @@ class UsageWriter:
                     log.error("writing usage records failed (%s); %d wait in the journal, "
                               "retrying with back-off", exc, self.journal.pending())
                 backoff = min(backoff * 2, self._max_backoff)
-            if self._stopping.is_set():
+            if last:
                 return
             delay = self._interval if self.failing_since is None else backoff
             with contextlib.suppress(TimeoutError):
