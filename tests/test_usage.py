@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -217,6 +218,53 @@ async def test_a_stop_during_a_pass_still_writes_what_came_meanwhile(
     release.set()
     await asyncio.wait_for(task, 10)
     assert count(store) == 1 and writer.journal.pending() == 0
+
+
+async def test_the_writer_thread_runs_only_on_idle_cpu() -> None:
+    """SCHED_IDLE: any other thread that wakes takes the core from it at once."""
+    idle, normal = StoreThread("test-idle", idle=True), StoreThread("test-normal")
+    try:
+        assert await idle.run(os.sched_getscheduler, 0) == os.SCHED_IDLE
+        assert await normal.run(os.sched_getscheduler, 0) == os.SCHED_OTHER
+        assert await normal.run(os.getpriority, os.PRIO_PROCESS, 0) == 10
+    finally:
+        idle.close()
+        normal.close()
+
+
+class _Starved(StoreThread):
+    """An idle-priority thread on a core that requests keep busy: each call waits."""
+
+    def __init__(self) -> None:
+        super().__init__("test-starved")
+        self.calls = 0
+
+    async def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        await asyncio.sleep(0.3)
+        return await super().run(fn, *args, **kwargs)
+
+
+async def test_a_starved_writer_catches_up_at_normal_priority(
+        store: Store, tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal", str(store.url))
+    j.open()
+    starved, catch_up = _Starved(), StoreThread("test-catch-up")
+    writer = UsageWriter(store, starved, j, flush_interval=0.02, catch_up=catch_up,
+                         catch_up_after=0.2, idle_batch=100)
+    try:
+        for i in range(1000):
+            j.append(rec(i))
+        await writer.drain()  # 100 a call, 0.3 s each: behind after the first
+        assert count(store) == 1000 and j.pending() == 0
+        assert starved.calls == 1 and writer.catch_ups == 1
+        j.append(rec(1000))
+        await writer.drain()  # caught up: back on the idle thread
+        assert starved.calls == 2 and writer.catch_ups == 1 and count(store) == 1001
+    finally:
+        j.close()
+        starved.close()
+        catch_up.close()
 
 
 @pytest.mark.postgres

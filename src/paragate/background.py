@@ -5,9 +5,10 @@ a slow batch of usage inserts never delays a revocation.
 The event loop must never wait for the database, so reloading keys and writing usage
 happen in a thread. But a thread shares the loop's core (and the GIL): left at normal
 priority, the OS lets it run a full time slice (milliseconds) while requests wait, and
-that shows up as tail latency. At nice 10 the scheduler hands the core back to the loop
-as soon as the loop has work, and the 1 ms GIL switch interval the gateway sets bounds
-the rest.
+that shows up as tail latency. At nice 10 the scheduler gives the loop the larger share;
+the usage writer, which works all the time under load, runs at the idle policy, which
+hands the core back the moment the loop has work; the GIL switch interval the gateway
+sets bounds the rest.
 """
 
 from __future__ import annotations
@@ -28,17 +29,29 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _lower_priority() -> None:
+def _lower_priority(idle: bool) -> None:
+    native = threading.get_native_id()
     try:  # Linux: a thread is a task of its own and can have its own nice value
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, native, 10)
+        if idle:
+            os.sched_setscheduler(native, os.SCHED_IDLE, os.sched_param(0))
     except (OSError, AttributeError):
         log.debug("could not lower the store thread's priority")
 
 
 class StoreThread:
-    def __init__(self, name: str = "paragate-store") -> None:
+    """One thread for one kind of store work. ``idle``: the thread runs under Linux's
+    SCHED_IDLE policy, only when the core has nothing else to run, and any other
+    thread that wakes up takes the core from it at once (nice 10 only makes it yield
+    at the end of a time slice). That suits work that may lag but must not touch the
+    request path: the usage writer (see ``UsageWriter`` for how it catches up when a
+    busy core starves it)."""
+
+    def __init__(self, name: str = "paragate-store", *, idle: bool = False) -> None:
+        self.name = name
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=name, initializer=_lower_priority
+            max_workers=1, thread_name_prefix=name, initializer=_lower_priority,
+            initargs=(idle,),
         )
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

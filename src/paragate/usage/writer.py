@@ -12,6 +12,13 @@ stays bounded however long the database is away.
 - A batch fails for another reason: the records are tried one by one, each in its own
   transaction; one that still fails goes to the dead-letter file (JSON lines beside the
   journal, re-imported by ``paragate usage replay``) and the others go in.
+
+Where it runs: in the gateway, ``thread`` is an idle-priority thread (see
+``background.StoreThread``), so the writer takes no CPU the request path wants, in
+batches of at most ``idle_batch`` (the time one batch can be held up). A core kept busy
+by requests starves such a thread; once the journal has not been empty for
+``catch_up_after`` seconds the writer moves to ``catch_up`` (a nice-10 thread) and full
+batches until it is empty again, so the lag stays bounded whatever the load.
 """
 
 from __future__ import annotations
@@ -122,9 +129,16 @@ def _refuse(refuse: Callable[[UsageRecord, str], None], record: UsageRecord,
 class UsageWriter:
     def __init__(self, store: Store, thread: StoreThread, journal: Journal, *,
                  flush_interval: float, batch: int = 2000, max_backoff: float = 5.0,
-                 retention_days: int = 90, takeover_interval: float = 30.0) -> None:
+                 retention_days: int = 90, takeover_interval: float = 30.0,
+                 catch_up: StoreThread | None = None, catch_up_after: float = 2.0,
+                 idle_batch: int = 500) -> None:
         self._store = store
         self._thread = thread
+        self._catch_up = catch_up
+        self._catch_up_after = catch_up_after
+        self._idle_batch = idle_batch if catch_up is not None else batch
+        self._last_empty = time.monotonic()  # when a pass last left the journal empty
+        self.catch_ups = 0  # how many passes fell behind and moved to ``catch_up``
         self.journal = journal
         self.dead_letters = DeadLetters(journal.directory / "dead-letter.jsonl")
         self._interval = flush_interval
@@ -136,10 +150,10 @@ class UsageWriter:
         self.written = 0  # new rows (a retried record counts once)
         self.failing_since: float | None = None  # monotonic; None while writes succeed
 
-    def _ship(self) -> int:
-        """One batch, in the store thread: read, write, mark. Returns how many records
+    def _ship(self, limit: int) -> int:
+        """One batch, in a store thread: read, write, mark. Returns how many records
         were read (0: nothing left)."""
-        records, marks = self.journal.read(self._batch)
+        records, marks = self.journal.read(limit)
         if not records:
             return 0
         self.written += write_isolated(self._store, records, self.dead_letters.add)
@@ -148,8 +162,25 @@ class UsageWriter:
 
     async def drain(self) -> None:
         """Write until nothing is left; raises while the database is away."""
-        while await self._thread.run(self._ship):
-            pass
+        behind = False
+        while True:
+            if (not behind and self._catch_up is not None
+                    and time.monotonic() - self._last_empty > self._catch_up_after):
+                behind = True
+                self.catch_ups += 1
+                log.info("the usage writer is %.1f s behind (%d records wait); catching "
+                         "up at normal priority", time.monotonic() - self._last_empty,
+                         self.journal.pending())
+            if behind:
+                assert self._catch_up is not None
+                limit = self._batch
+                read = await self._catch_up.run(self._ship, limit)
+            else:
+                limit = self._idle_batch
+                read = await self._thread.run(self._ship, limit)
+            if read < limit:  # that was all there was
+                self._last_empty = time.monotonic()
+                return
 
     async def run(self) -> None:
         """Take over left-over segments, then write until ``stop``; then write what is
