@@ -127,7 +127,7 @@ async def test_a_body_left_unread_closes_the_connection(fake: FakeVLLM) -> None:
 
 
 @pytest.mark.parametrize("raw_server", [answer_once_then_close], indirect=True)
-async def test_a_stale_pooled_connection_is_retried_once(
+async def test_a_pooled_connection_the_server_closed_is_not_used(
     raw_server: tuple[str, list[int]],
 ) -> None:
     url, connections = raw_server
@@ -137,6 +137,106 @@ async def test_a_stale_pooled_connection_is_retried_once(
             assert r.status == 200 and await r.read() == b"{}"
         await asyncio.sleep(0.05)  # the server closes its side meanwhile
     assert len(connections) == 3
+    await up.close()
+
+
+RECEIVED: list[int] = []
+
+
+async def answer_then_take_one_and_die(reader: asyncio.StreamReader,
+                                       writer: asyncio.StreamWriter) -> None:
+    # keeps the connection for a second request, receives it whole, then dies without
+    # an answer: as a vLLM that crashes mid-generation (its headers come at the end)
+    while await _read_request(reader):
+        RECEIVED.append(1)
+        if len(RECEIVED) % 2 == 0:
+            return
+        writer.write(OK)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("raw_server", [answer_then_take_one_and_die], indirect=True)
+async def test_a_request_is_never_sent_twice(raw_server: tuple[str, list[int]]) -> None:
+    """Regression: a reused connection that failed before any answer was silently tried
+    again on a fresh one, after vLLM had received (and maybe generated) the request:
+    the completion ran twice and was recorded once."""
+    url, connections = raw_server
+    RECEIVED.clear()
+    up = pool()
+    async with up.post(url, b"{}", None) as r:
+        assert await r.read() == b"{}"
+    with pytest.raises(UpstreamFailed, match="closed the connection"):
+        async with up.post(url, b"{}", None) as r:
+            await r.read()
+    assert len(RECEIVED) == 2 and len(connections) == 1
+    await up.close()
+
+
+async def big_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # a first answer just over the client's 1 MiB buffer, sent in one go, then small ones
+    size = (1 << 20) + 100
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+    await writer.drain()
+    while await _read_request(reader):
+        writer.write(OK)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("raw_server", [big_answers], indirect=True)
+async def test_a_connection_pooled_with_reading_paused_reads_again(
+        raw_server: tuple[str, list[int]]) -> None:
+    """Regression: an answer that filled the buffer and ended while its reader was away
+    (a slow client on a large stream, then gone) put the connection back in the pool
+    with reading paused; the next request on it waited for the read timeout."""
+    url, connections = raw_server
+    up = pool(read_timeout=0.5)
+    async with up.post(url, b"{}", None) as r:
+        assert r.status == 200
+        await asyncio.sleep(0.3)  # the whole answer arrives; nobody reads it
+    async with up.post(url, b"{}", None) as r:
+        assert await r.read() == b"{}"
+    assert len(connections) == 1
+    await up.close()
+
+
+async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\":")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"1}")
+    await writer.drain()  # then the handler returns and the connection closes
+
+
+@pytest.mark.parametrize("raw_server", [until_close], indirect=True)
+async def test_a_body_that_ends_with_the_connection_is_whole(
+        raw_server: tuple[str, list[int]]) -> None:
+    """Regression: an answer without Content-Length or chunked encoding ends where the
+    server closes the connection (HTTP/1.1 allows it); it was taken for a failure."""
+    url, _ = raw_server
+    up = pool()
+    async with up.post(url, b"{}", None) as r:
+        assert await r.read() == b'{"a":1}'
+    await up.close()
+
+
+async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while await _read_request(reader):
+        writer.write(OK)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("raw_server", [keep_alive], indirect=True)
+async def test_a_connection_idle_for_too_long_is_not_reused(
+        raw_server: tuple[str, list[int]]) -> None:
+    url, connections = raw_server
+    up = Upstreams(connect_timeout=1.0, read_timeout=1.0, max_connections=8, max_idle=0.2)
+    for pause in (0.0, 0.05, 0.3):  # reused, reused, then past max_idle: a new one
+        await asyncio.sleep(pause)
+        async with up.post(url, b"{}", None) as r:
+            assert await r.read() == b"{}"
+    assert len(connections) == 2
     await up.close()
 
 

@@ -70,6 +70,14 @@ SETTINGS: tuple[Setting, ...] = (
         "before answering 504.",
     ),
     Setting(
+        "upstream_keepalive",
+        4.0,
+        "Seconds a pooled connection to vLLM may wait unused before it is closed rather "
+        "than reused; keep it under the upstream's own keep-alive timeout (vLLM: 5 s), so "
+        "that the server never closes a connection a request is being written to "
+        "(0: no limit).",
+    ),
+    Setting(
         "upstream_max_connections",
         0,
         "Most connections open to one upstream at once; requests past it wait for a free "
@@ -180,6 +188,7 @@ class Settings:
     default_max_logprobs: int = 5
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
+    upstream_keepalive: float = 4.0
     upstream_max_connections: int = 0
     refresh_interval: float = 0.25
     max_view_age: float = 0.0
@@ -248,6 +257,7 @@ def _check(settings: Settings) -> Settings:
     if settings.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
     for name in ("port", "workers", "max_body_bytes", "upstream_max_connections",
+                 "upstream_keepalive",
                  "max_view_age", "default_key_days", "key_rotation_grace",
                  "usage_retention_days", "shutdown_delay", "shutdown_timeout"):
         if getattr(settings, name) < 0:

@@ -76,6 +76,7 @@ class Gateway:
                 connect_timeout=settings.upstream_connect_timeout,
                 read_timeout=settings.upstream_read_timeout,
                 max_connections=settings.upstream_max_connections,
+                max_idle=settings.upstream_keepalive,
             ),
             journal=journal,
             writer=UsageWriter(store, usage_thread, journal,

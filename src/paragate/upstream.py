@@ -10,6 +10,9 @@ Every failure is translated here, once, into the error a client sees:
 - cannot connect (refused, DNS, connect timeout): 503 ``upstream_unavailable``;
 - connected, but nothing for ``read_timeout`` seconds: 504 ``upstream_timeout``;
 - the connection broke, or the answer is not HTTP: 502 ``upstream_error``.
+
+A request is written once and never resent from here: whether another try is safe (and
+where it should go) is the caller's decision, which knows the fleet.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
-        self.used = False  # has carried a request before (a stale one may fail at once)
+        self.framed = False  # the answer says where its body ends (length or chunked)
+        self.idle_since = 0.0  # loop time it went back to the pool
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -65,11 +69,23 @@ class _Connection(asyncio.Protocol):
             self._fail(f"answered with something that is not HTTP ({exc})")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if (exc is None and self.headers_done and not self.framed
+                and self.broken is None and not self.complete):
+            # an answer with neither Content-Length nor chunked encoding: its body ends
+            # where the server closes the connection (RFC 9112, 6.3), so this is its end
+            self.complete = True
+            self.keep_alive = False
+            self._wake()
         if self.broken is None and not self.complete:
             self._fail("closed the connection")
         self.broken = self.broken or "closed"
 
     # -- httptools callbacks -----------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) in (14, 17) and name.lower() in (b"content-length",
+                                                       b"transfer-encoding"):
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -127,9 +143,14 @@ class _Connection(asyncio.Protocol):
     def reset(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self.status = 0
-        self.headers_done = self.complete = False
+        self.headers_done = self.complete = self.framed = False
         self.chunks.clear()
         self._buffered = 0
+        if self._paused and self.transport:
+            # the last answer filled the buffer and ended unread (its client left):
+            # reading stayed paused, and this request's answer would never arrive
+            self._paused = False
+            self.transport.resume_reading()
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -183,10 +204,12 @@ class Upstreams:
     """A pool of keep-alive connections per upstream origin."""
 
     def __init__(
-        self, *, connect_timeout: float, read_timeout: float, max_connections: int
+        self, *, connect_timeout: float, read_timeout: float, max_connections: int,
+        max_idle: float = 4.0,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._max_idle = max_idle  # seconds a pooled connection may wait unused (0: any)
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._limits: dict[_Origin, asyncio.Semaphore] = {}
         self._tls_context: ssl.SSLContext | None = None
@@ -222,7 +245,20 @@ class Upstreams:
         return conn
 
     def _acquire_idle(self, key: _Origin) -> _Connection | None:
+        """The most recently used live connection; those the server closed, or idle for
+        longer than ``max_idle`` (the oldest, at the bottom of the stack), are closed."""
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        if self._max_idle:
+            oldest = asyncio.get_running_loop().time() - self._max_idle
+            if idle[0].idle_since < oldest:
+                stale = [c for c in idle if c.idle_since < oldest]
+                idle[:] = [c for c in idle if c.idle_since >= oldest]
+                for conn in stale:
+                    conn.broken = "idle too long"
+                    if conn.transport is not None:
+                        conn.transport.close()
         while idle:
             conn = idle.pop()
             if conn.broken is None and conn.transport and not conn.transport.is_closing():
@@ -264,28 +300,25 @@ class Upstreams:
             await limit.acquire()
         conn: _Connection | None = None
         try:
-            for _attempt in range(2):
-                conn = self._acquire_idle(key) or await self._connect(key, origin)
-                conn.reset()
-                assert conn.transport is not None
-                conn.transport.write(head + body)
-                response = Response(conn, origin, self._read_timeout)
-                try:
-                    while not conn.headers_done:
-                        await response._progress()
-                except UpstreamFailed:
-                    # A reused connection that fails before any answer was almost
-                    # surely closed by the server while idle (vLLM's uvicorn drops idle
-                    # keep-alive connections after 5 s): one more try on a fresh one.
-                    if conn.status == 0 and conn.used and _attempt == 0:
-                        continue
-                    raise
-                break
+            # Never sent twice: once the request is written, vLLM may be generating it
+            # (it sends a non-streaming answer's headers only when generation ends), so
+            # a connection that breaks after the write is a failure for the caller to
+            # judge, not a retry here. A pooled connection the server closed is found
+            # before the write (``_acquire_idle``), and one idle for longer than
+            # ``max_idle`` is not used at all, which keeps clear of the server's own
+            # keep-alive timeout (vLLM's uvicorn: 5 s) racing the write.
+            conn = self._acquire_idle(key) or await self._connect(key, origin)
+            conn.reset()
+            assert conn.transport is not None
+            conn.transport.write(head + body)
+            response = Response(conn, origin, self._read_timeout)
+            while not conn.headers_done:
+                await response._progress()
             yield response
         finally:
             if conn is not None:
                 if conn.complete and conn.keep_alive and conn.broken is None:
-                    conn.used = True
+                    conn.idle_since = asyncio.get_running_loop().time()
                     self._idle.setdefault(key, []).append(conn)
                 elif conn.transport is not None:
                     conn.broken = conn.broken or "released early"
