@@ -159,32 +159,16 @@ def _epoch_bucket(conn: Connection, grain: int | None) -> ColumnElement[Any]:
 def _rollup_statements(conn: Connection, where: ColumnElement[bool]) -> list[Any]:
     """One INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE per rollup, over the
     raw records ``where`` selects, summed by the database itself, in key order (so
-    concurrent writers lock rows in the same order).
-
-    In two steps: the records are first grouped by the rollup's key *and* their two
-    histogram buckets, with a few plain sums; only those groups (a handful per key and
-    model: latencies cluster) go through the 84 per-bucket sums. Summing every record
-    into 84 filtered counts directly cost the writer three times its other work."""
-    t = usage_records.c
+    concurrent writers lock rows in the same order)."""
     out = []
     for rollup in ROLLUPS:
         keys = [_epoch_bucket(conn, rollup.grain), *(_DIMS[d] for d in rollup.dims)]
         if rollup.month:
             keys.append(_epoch_bucket(conn, None))
         columns = rollup.key_columns
-        groups = [*keys, t.lat_bucket, t.ttft_bucket]
-        plain = zip(_RECORD_SUMS[:len(_SUMS)], _SUMS, strict=True)
-        inner = (select(*(k.label(c) for k, c in zip(keys, columns, strict=True)),
-                        t.lat_bucket, t.ttft_bucket, *(s.label(n) for s, n in plain))
-                 .where(where).group_by(*groups).subquery("new_rows"))
-        g = inner.c
-        source = (select(*(g[c] for c in columns),
-                         *(func.sum(g[n]) for n in _SUMS),
-                         *(func.sum(case((g.lat_bucket == i, g.requests), else_=0))
-                           for i in range(HISTOGRAM_BUCKETS)),
-                         *(func.sum(case((g.ttft_bucket == i, g.requests), else_=0))
-                           for i in range(HISTOGRAM_BUCKETS)))
-                  .group_by(*(g[c] for c in columns)).order_by(*(g[c] for c in columns)))
+        source = (select(*(k.label(c) for k, c in zip(keys, columns, strict=True)),
+                         *_RECORD_SUMS)
+                  .where(where).group_by(*keys).order_by(*keys))
         table = rollup.table
         stmt = _insert(conn, table).from_select([*columns, *_SUM_COLUMNS], source)
         out.append(stmt.on_conflict_do_update(
