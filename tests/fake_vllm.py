@@ -50,6 +50,10 @@ class FakeVLLM:
         self.gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.health_status = 200  # what GET /health answers
+        self.health_checks = 0
+        self.in_flight = 0
+        self.waiting = 0  # reported as vllm:num_requests_waiting
 
     @property
     def base_url(self) -> str:
@@ -57,7 +61,9 @@ class FakeVLLM:
 
     async def start(self) -> FakeVLLM:
         app = web.Application()
-        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/completions", self._counted)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
@@ -71,6 +77,24 @@ class FakeVLLM:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        self.health_checks += 1
+        return web.Response(status=self.health_status)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        text = ("# HELP vllm:num_requests_running Number of requests in model execution.\n"
+                "# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{engine="0",model_name="ok"}} {self.in_flight}.0\n'
+                f'vllm:num_requests_waiting{{engine="0",model_name="ok"}} {self.waiting}.0\n')
+        return web.Response(text=text)
+
+    async def _counted(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await self._completions(request)
+        finally:
+            self.in_flight -= 1
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

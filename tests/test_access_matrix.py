@@ -56,6 +56,7 @@ class World:
     user: dict[str, int] = field(default_factory=dict)  # by name, "sysadmin" included
     key: dict[str, str] = field(default_factory=dict)  # key name -> public id
     secret: dict[str, str] = field(default_factory=dict)  # key name -> the whole key
+    replica: dict[str, int] = field(default_factory=dict)  # model -> its first replica
 
     def add_key(self, name: str, **how: Any) -> None:
         made = control.keys.create(self.store, CLI, name=name, **how)
@@ -83,6 +84,7 @@ def populate(store: Store, upstream_url: str) -> World:
     for name, fields in models:
         control.models.create(store, CLI, name, upstream_url=upstream_url,
                               upstream_model="ok", **fields)
+        w.replica[name] = control.replicas.list_(store, CLI, name)[1][0].id
     w.add_key("expired", user_id=w.user["a_user"])
     force_expiry(store, w.key["expired"], datetime.now(UTC) - timedelta(seconds=1))
     w.add_key("revoked", user_id=w.user["a_user"])
@@ -157,6 +159,8 @@ ALL = (200, 200, 404)  # every company's objects are in scope
 MINE = (200, 404, 404)  # only the caller's own company's (a plain user's: their own)
 NEVER = (403, 403, 403)  # the role may never: 403 before any 404
 NONE = (404, 404, 404)
+CREATED = (201, 201, 404)
+LAST = (409, 409, 404)  # a model's last replica cannot go
 
 Body = dict[str, Any] | bytes | None
 RENAME = {"name": "Renamed"}
@@ -190,6 +194,13 @@ ENDPOINTS: list[tuple[Any, ...]] = [
     ("PATCH", "/api/v2/models/{model}", {"display_name": "X"}, ALL, NEVER, NEVER, NEVER,
      NEVER),
     ("DELETE", "/api/v2/models/{model}", None, ALL, NEVER, NEVER, NEVER, NEVER),
+    ("GET", "/api/v2/models/{model}/replicas", None, ALL, NEVER, NEVER, NEVER, NEVER),
+    ("POST", "/api/v2/models/{model}/replicas", {"url": "http://127.0.0.1:9/v2"}, CREATED,
+     NEVER, NEVER, NEVER, NEVER),
+    ("PATCH", "/api/v2/models/{model}/replicas/{replica}", {"weight": 2}, ALL, NEVER,
+     NEVER, NEVER, NEVER),
+    ("DELETE", "/api/v2/models/{model}/replicas/{replica}", None, LAST, NEVER, NEVER,
+     NEVER, NEVER),
     ("GET", "/api/v2/audit-log", None, 200, 200, 403, 403, 403),
     ("GET", "/api/v2/me", None, 200, 200, 200, 200, 200),
     # every role reports; the scope narrows what it covers (tests/test_reporting.py)
@@ -312,7 +323,9 @@ ERRORS = {  # status -> the envelope's type, and its possible codes
 async def send(api: httpx.AsyncClient, w: World, case: Case) -> httpx.Response:
     path = case.path
     if case.which is not None:
-        path = re.sub(r"\{\w+\}", target(w, case.caller, kind_of(path), case.which), path)
+        model = target(w, case.caller, kind_of(path), case.which)
+        path = path.replace("{replica}", str(w.replica.get(model, 1)))
+        path = re.sub(r"\{\w+\}", model, path)
     headers = {} if case.caller == "nokey" else auth(w.secret[case.caller])
     body = case.body
     if isinstance(body, bytes):

@@ -305,7 +305,7 @@ async def test_upstream_4xx_relayed_with_its_status(client: httpx.AsyncClient, k
     ("status-503", 503, "upstream_unavailable"),
     ("garbage", 502, "upstream_error"),
     ("down", 503, "upstream_unavailable"),
-    ("hang", 504, "upstream_timeout"),
+    ("hang", 504, "upstream_first_byte_timeout"),
 ])
 async def test_upstream_failures(client: httpx.AsyncClient, keys: Keys, model: str,
                                  status: int, code: str) -> None:
@@ -324,7 +324,7 @@ async def test_upstream_refusing_the_gateways_credentials_is_a_502(
 
 @pytest.mark.parametrize(("model", "status", "code"), [
     ("down", 503, "upstream_unavailable"),
-    ("hang", 504, "upstream_timeout"),
+    ("hang", 504, "upstream_first_byte_timeout"),
 ])
 async def test_upstream_failures_before_stream_starts(client: httpx.AsyncClient, keys: Keys,
                                                       model: str, status: int,

@@ -163,6 +163,16 @@ async def test_admin_answers_match_the_document(client: httpx.AsyncClient,
     await call("GET", "/api/v2/models", "/api/v2/models?all=true")
     await call("GET", "/api/v2/models/{model}", "/api/v2/models/m?all=true")
     await call("PATCH", "/api/v2/models/{model}", "/api/v2/models/m", {"enabled": False})
+    replicas = "/api/v2/models/{model}/replicas"
+    replica = (await call("POST", replicas, "/api/v2/models/m/replicas",
+                          {"url": "http://h2/v1", "weight": 2}))["id"]
+    await call("GET", replicas, "/api/v2/models/m/replicas")
+    await call("POST", replicas, "/api/v2/models/m/replicas", {"weight": 0})  # a 400
+    one_replica = replicas + "/{replica}"
+    await call("PATCH", one_replica, f"/api/v2/models/m/replicas/{replica}",
+               {"draining": True})
+    await call("DELETE", one_replica, f"/api/v2/models/m/replicas/{replica}")
+    await call("DELETE", one_replica, "/api/v2/models/m/replicas/1")  # the last: a 409
     await call("DELETE", "/api/v2/models/{model}", "/api/v2/models/m")
     await call("GET", "/api/v2/audit-log", "/api/v2/audit-log?action=user.")
     await call("GET", "/api/v2/me", "/api/v2/me")

@@ -69,7 +69,7 @@ class App:
             found = _ROUTER.match(scope["path"])
             if found is None:
                 raise NotFound(f"No route for {scope['path'][:200]}.")
-            _, param, methods = found
+            _, (param, sub), methods = found
             endpoint = methods.get(scope["method"])
             if endpoint is None:
                 allowed = ", ".join(sorted(methods))
@@ -82,7 +82,7 @@ class App:
                 principal = gw.registry.authenticate(header(scope, b"authorization"))
                 if principal.role not in permission.roles or permission.key_manager:
                     require(principal, permission)
-            await endpoint.handler(gw, Request(scope, receive, send, principal, param))
+            await endpoint.handler(gw, Request(scope, receive, send, principal, param, sub))
         except GatewayError as exc:
             await send_error(send, exc)
         except ClientGone:

@@ -371,6 +371,9 @@ def keys_rotate(key_id: str) -> None:
 # -- models --------------------------------------------------------------------------
 
 
+_SECONDS = click.FloatRange(min=0, max=control.models.MAX_TIMEOUT, min_open=True)
+
+
 def _model_options(f: F) -> F:
     options = [
         click.option("--upstream-model", help="Model name vLLM serves "
@@ -387,6 +390,15 @@ def _model_options(f: F) -> F:
                      help="`max_tokens` used when a request gives none."),
         click.option("--max-tokens-limit", type=click.IntRange(min=1),
                      help="Largest `max_tokens` a request may ask for."),
+        click.option("--connect-timeout", type=_SECONDS, help="Seconds to connect to a "
+                     "replica [default: PARAGATE_UPSTREAM_CONNECT_TIMEOUT]."),
+        click.option("--first-byte-timeout", type=_SECONDS, help="Seconds until vLLM's "
+                     "answer starts (a non-streaming answer starts when it is complete) "
+                     "[default: PARAGATE_UPSTREAM_READ_TIMEOUT]."),
+        click.option("--idle-timeout", type=_SECONDS, help="Seconds between two chunks of "
+                     "a stream [default: PARAGATE_UPSTREAM_READ_TIMEOUT]."),
+        click.option("--total-timeout", type=_SECONDS, help="Seconds for a whole request, "
+                     "every try included [default: none]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -396,7 +408,9 @@ def _model_options(f: F) -> F:
 # `models update --unset X`: the optional fields, by their option names
 _UNSETTABLE = {"upstream-api-key": "upstream_api_key", "max-logprobs": "max_logprobs",
                "default-max-tokens": "default_max_tokens",
-               "max-tokens-limit": "max_tokens_limit"}
+               "max-tokens-limit": "max_tokens_limit", "connect-timeout": "connect_timeout",
+               "first-byte-timeout": "first_byte_timeout", "idle-timeout": "idle_timeout",
+               "total-timeout": "total_timeout"}
 
 
 @cli.group()
@@ -488,10 +502,86 @@ def models_list() -> None:
                   "COMPANIES", "UPSTREAM KEY", "LIMITS"])
 
 
+@models.group("replicas")
+def replicas() -> None:
+    """The vLLM servers behind a model: add, list, update (weight, draining) and remove.
+
+    A model made with `models add --upstream URL` has that one replica; a running
+    gateway follows a change within a second, without a restart."""
+
+
+@replicas.command("add")
+@click.argument("name")
+@click.option("--upstream", required=True, help="vLLM base URL, e.g. http://gpu-2:8000/v1.")
+@click.option("--weight", type=click.IntRange(1, control.replicas.MAX_WEIGHT), default=1,
+              show_default=True, help="Its share of the traffic, relative to the others.")
+@click.option("--upstream-api-key", help="The key this replica's vLLM expects "
+              "(--api-key); default: none.")
+@click.option("--health-url", help="Where its /health and /metrics are "
+              "[default: the URL without a trailing /v1].")
+@click.option("--draining", is_flag=True, help="Add it out of rotation.")
+def replicas_add(name: str, upstream: str, weight: int, upstream_api_key: str | None,
+                 health_url: str | None, draining: bool) -> None:
+    """Add a replica to the model NAME."""
+    record = control.replicas.create(
+        _store(), CLI, name, url=upstream, weight=weight, upstream_api_key=upstream_api_key,
+        health_url=health_url, draining=draining)
+    click.echo(f"added replica {record.id} of {name} -> {record.url} (weight {record.weight})")
+
+
+@replicas.command("list")
+@click.argument("name")
+def replicas_list(name: str) -> None:
+    """List the replicas of the model NAME (their configuration; a running gateway
+    shows their health at GET /api/v2/models/NAME/replicas)."""
+    _, found = control.replicas.list_(_store(), CLI, name)
+    rows = [[str(r.id), r.url, str(r.weight), "yes" if r.enabled else "no",
+             "yes" if r.draining else "no", "yes" if r.upstream_api_key else "no",
+             r.health_url or "-"] for r in found]
+    _table(rows, ["ID", "UPSTREAM", "WEIGHT", "ENABLED", "DRAINING", "UPSTREAM KEY",
+                  "HEALTH URL"])
+
+
+@replicas.command("update")
+@click.argument("name")
+@click.argument("replica_id", metavar="ID", type=int)
+@click.option("--upstream", help="New vLLM base URL.")
+@click.option("--weight", type=click.IntRange(1, control.replicas.MAX_WEIGHT))
+@click.option("--upstream-api-key", help="New upstream key.")
+@click.option("--health-url", help="New /health and /metrics base.")
+@click.option("--drain/--undrain", default=None,
+              help="Take it out of rotation (requests in flight finish), or back in.")
+@click.option("--enable/--disable", default=None, help="Enable or disable it.")
+def replicas_update(name: str, replica_id: int, upstream: str | None, weight: int | None,
+                    upstream_api_key: str | None, health_url: str | None,
+                    drain: bool | None, enable: bool | None) -> None:
+    """Change a replica of the model NAME; only the options given change."""
+    changes = {k: v for k, v in {
+        "url": upstream, "weight": weight, "upstream_api_key": upstream_api_key,
+        "health_url": health_url, "draining": drain, "enabled": enable}.items()
+        if v is not None}
+    if not changes:
+        _fail("nothing to change: give at least one option")
+    record = control.replicas.update(_store(), CLI, name, replica_id, **changes)
+    state = "draining" if record.draining else "in rotation"
+    click.echo(f"updated replica {record.id} of {name} ({state})")
+
+
+@replicas.command("remove")
+@click.argument("name")
+@click.argument("replica_id", metavar="ID", type=int)
+def replicas_remove(name: str, replica_id: int) -> None:
+    """Remove a replica of the model NAME (not its last one)."""
+    control.replicas.delete(_store(), CLI, name, replica_id)
+    click.echo(f"removed replica {replica_id} of {name}")
+
+
 def _limits(m: ModelRecord) -> str:
     parts = [f"{label}={value}" for label, value in (
         ("max-logprobs", m.max_logprobs), ("default-max-tokens", m.default_max_tokens),
-        ("max-tokens-limit", m.max_tokens_limit)) if value is not None]
+        ("max-tokens-limit", m.max_tokens_limit), ("connect-timeout", m.connect_timeout),
+        ("first-byte-timeout", m.first_byte_timeout), ("idle-timeout", m.idle_timeout),
+        ("total-timeout", m.total_timeout)) if value is not None]
     return " ".join(parts) or "-"
 
 

@@ -66,8 +66,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "upstream_read_timeout",
         600.0,
-        "Seconds to wait for vLLM's next byte (response headers or stream data) "
-        "before answering 504.",
+        "Seconds to wait for vLLM's answer to start, and then between two pieces of it, "
+        "before answering 504 (a model's `timeouts` may set each of its own).",
     ),
     Setting(
         "upstream_keepalive",
@@ -82,6 +82,42 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         "Most connections open to one upstream at once; requests past it wait for a free "
         "one (0: no limit, every request in flight has its own; vLLM queues them itself).",
+    ),
+    Setting(
+        "upstream_retries",
+        2,
+        "Most further tries of a request on other replicas, made only where it cannot "
+        "have been processed: no connection, or vLLM answered 503 (queue full) or 429 "
+        "before anything reached the client.",
+    ),
+    Setting(
+        "upstream_retry_window",
+        10.0,
+        "Seconds after a request's first try during which another may start.",
+    ),
+    Setting(
+        "health_interval",
+        1.0,
+        "Seconds between health checks of each replica (`/health`, and `/metrics` for "
+        "its queue when the model has several); 0: none, an ejected replica is tried "
+        "again once its back-off is over.",
+    ),
+    Setting(
+        "health_timeout",
+        2.0,
+        "Seconds a replica's `/health` (or `/metrics`) may take before the check fails.",
+    ),
+    Setting(
+        "replica_eject_after",
+        3,
+        "Failures in a row (connect errors, 5xx other than 503, broken or timed-out "
+        "answers, failed health checks) that take a replica out of rotation.",
+    ),
+    Setting(
+        "replica_max_backoff",
+        8.0,
+        "Longest wait, in seconds, before an ejected replica is probed again (the wait "
+        "doubles from 1 s).",
     ),
     Setting(
         "refresh_interval",
@@ -190,6 +226,12 @@ class Settings:
     upstream_read_timeout: float = 600.0
     upstream_keepalive: float = 4.0
     upstream_max_connections: int = 0
+    upstream_retries: int = 2
+    upstream_retry_window: float = 10.0
+    health_interval: float = 1.0
+    health_timeout: float = 2.0
+    replica_eject_after: int = 3
+    replica_max_backoff: float = 8.0
     refresh_interval: float = 0.25
     max_view_age: float = 0.0
     usage_flush_interval: float = 0.1
@@ -257,14 +299,18 @@ def _check(settings: Settings) -> Settings:
     if settings.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
     for name in ("port", "workers", "max_body_bytes", "upstream_max_connections",
-                 "upstream_keepalive",
+                 "upstream_keepalive", "upstream_retries", "upstream_retry_window",
+                 "health_interval",
                  "max_view_age", "default_key_days", "key_rotation_grace",
                  "usage_retention_days", "shutdown_delay", "shutdown_timeout"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
     if settings.workers < 1:
         raise ConfigError("workers: must be at least 1")
+    if settings.replica_eject_after < 1:
+        raise ConfigError("replica_eject_after: must be at least 1")
     for name in ("upstream_connect_timeout", "upstream_read_timeout", "refresh_interval",
+                 "health_timeout", "replica_max_backoff",
                  "usage_flush_interval", "journal_fsync_interval"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")

@@ -41,15 +41,20 @@ __all__ = [
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelNotFound",
+    "NoReplica",
     "NotFound",
     "PermissionDenied",
     "RateLimited",
     "RequestTooLarge",
     "ShuttingDown",
     "UnsupportedMediaType",
+    "UpstreamConnectTimeout",
     "UpstreamFailed",
+    "UpstreamFirstByteTimeout",
+    "UpstreamIdleTimeout",
     "UpstreamRejected",
     "UpstreamTimeout",
+    "UpstreamTotalTimeout",
     "UpstreamUnavailable",
     "ViewTooOld",
 ]
@@ -223,3 +228,35 @@ class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"
     default_code = "upstream_timeout"
+
+
+class NoReplica(UpstreamUnavailable):
+    """Every replica of the model is down (ejected), draining or disabled: answered at
+    once rather than tried."""
+
+    default_code = "no_healthy_replica"
+
+
+class UpstreamConnectTimeout(UpstreamUnavailable):
+    """No connection within the connect timeout (the model's, else the gateway's)."""
+
+    default_code = "upstream_connect_timeout"
+
+
+class UpstreamFirstByteTimeout(UpstreamTimeout):
+    """Connected, but no answer headers within the first-byte timeout (for a request
+    that does not stream, vLLM sends its headers when the whole answer is ready)."""
+
+    default_code = "upstream_first_byte_timeout"
+
+
+class UpstreamIdleTimeout(UpstreamTimeout):
+    """An answer started, then nothing more for the idle timeout."""
+
+    default_code = "upstream_idle_timeout"
+
+
+class UpstreamTotalTimeout(UpstreamTimeout):
+    """The model's total timeout ran out, counted from the first try."""
+
+    default_code = "upstream_total_timeout"

@@ -21,6 +21,9 @@ from .registry import Registry
 from .shutdown import Shutdown
 from .store import Store
 from .upstream import Upstreams
+from .upstream.balancer import Balancer, Fleet
+from .upstream.health import HealthChecker
+from .upstream.pool import Timeouts
 from .usage import Journal, KeyTouches, UsageWriter
 
 __all__ = ["Gateway"]
@@ -52,6 +55,8 @@ class Gateway:
     catch_up_thread: StoreThread
     admin_thread: StoreThread
     shutdown: Shutdown
+    balancer: Balancer
+    health: HealthChecker
     limiter: RateLimiter = field(default_factory=RateLimiter)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -62,22 +67,40 @@ class Gateway:
         usage_thread = StoreThread("paragate-usage", idle=True)
         catch_up_thread = StoreThread("paragate-usage-catch-up")  # started when needed
         registry = Registry(default_max_logprobs=settings.default_max_logprobs,
+                            default_timeouts=Timeouts(
+                                connect=settings.upstream_connect_timeout,
+                                first_byte=settings.upstream_read_timeout,
+                                idle=settings.upstream_read_timeout),
                             max_view_age=settings.max_view_age)
         journal = Journal(settings.journal_path(), settings.database_url,
                           fsync=settings.journal_fsync,
                           fsync_interval=settings.journal_fsync_interval)
+        upstreams = Upstreams(
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_read_timeout,
+            max_connections=settings.upstream_max_connections,
+            max_idle=settings.upstream_keepalive,
+        )
+        balancer = Balancer(
+            upstreams, retries=settings.upstream_retries,
+            retry_window=settings.upstream_retry_window,
+            eject_after=settings.replica_eject_after,
+            max_backoff=settings.replica_max_backoff,
+            probes=settings.health_interval > 0)
+
+        def fleets() -> list[Fleet]:
+            """The fleets of the enabled models; those of models gone are dropped."""
+            balancer.forget(set(registry.catalog))
+            return [balancer.fleet(r.id, r.name, r.replicas)
+                    for r in registry.routes.values()]
+
         return cls(
             settings=settings,
             store=store,
             registry=registry,
             refresher=Refresher(registry, store, refresh_thread,
                                 interval=settings.refresh_interval),
-            upstreams=Upstreams(
-                connect_timeout=settings.upstream_connect_timeout,
-                read_timeout=settings.upstream_read_timeout,
-                max_connections=settings.upstream_max_connections,
-                max_idle=settings.upstream_keepalive,
-            ),
+            upstreams=upstreams,
             journal=journal,
             writer=UsageWriter(store, usage_thread, journal,
                                flush_interval=settings.usage_flush_interval,
@@ -89,17 +112,24 @@ class Gateway:
             catch_up_thread=catch_up_thread,
             admin_thread=StoreThread("paragate-admin"),
             shutdown=Shutdown(settings.shutdown_delay, settings.shutdown_timeout),
+            balancer=balancer,
+            health=HealthChecker(balancer, fleets, interval=settings.health_interval,
+                                 timeout=settings.health_timeout),
         )
 
     async def start(self) -> None:
         await self.refresh_thread.run(self.store.migrate)
         await self.refresher.load()
+        self.health.sync()  # every replica has its state before the first request
         self.journal.open()
         self._tasks = [
             asyncio.create_task(self.refresher.run(), name="paragate-refresh"),
             asyncio.create_task(self.writer.run(), name="paragate-usage"),
             asyncio.create_task(self.touches.run(), name="paragate-last-used"),
         ]
+        if self.settings.health_interval > 0:
+            self._tasks.append(asyncio.create_task(self.health.run(),
+                                                   name="paragate-health"))
         # The background writers (usage, refresh) run Python in threads. The OS hands
         # the core back to the loop at once (see background.py), but the GIL only after
         # the switch interval: the loop waits that long before it may ask for it. With
@@ -120,7 +150,12 @@ class Gateway:
     async def stop(self) -> None:
         if not self._tasks:
             return
-        refresh, usage, touches = self._tasks
+        refresh, usage, touches, *health = self._tasks
+        self.health.stop()
+        for task in health:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self.refresher.stop()
         refresh.cancel()
         with contextlib.suppress(asyncio.CancelledError):

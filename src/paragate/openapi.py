@@ -313,6 +313,25 @@ def document() -> dict[str, Any]:
                 "delete": _op("api_v2_models_delete", "Delete a model (system admins)",
                               s.Deleted, tag="Models", errors=("401", "403", "404")),
             },
+            "/api/v2/models/{model}/replicas": {
+                "parameters": [_path("model", "string")],
+                "get": _op("api_v2_models_replicas_list", "The model's replicas and, as "
+                           "this gateway process sees them, their state, in-flight "
+                           "requests, latency and errors (system admins)", s.ReplicaList,
+                           tag="Models", errors=("401", "403", "404")),
+                "post": _op("api_v2_models_replicas_create", "Add a replica (system admins)",
+                            s.Replica, tag="Models", status="201", body=s.ReplicaCreate),
+            },
+            "/api/v2/models/{model}/replicas/{replica}": {
+                "parameters": [_path("model", "string"), _path("replica", "integer")],
+                "patch": _op("api_v2_models_replicas_update", "Change a replica: its URL, "
+                             "weight, key, or take it out of rotation with draining "
+                             "(system admins)", s.Replica, tag="Models",
+                             body=s.ReplicaUpdate),
+                "delete": _op("api_v2_models_replicas_delete", "Remove a replica, not the "
+                              "model's last (system admins)", s.Deleted, tag="Models",
+                              errors=("401", "403", "404", "409")),
+            },
             **_admin_paths(),
             "/ready": {"get": {
                 "summary": "Readiness (public): 503 before the first view of keys and "

@@ -23,7 +23,8 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .upstream import Upstreams
+from .upstream.balancer import Balancer, Fleet
+from .upstream.pool import Timeouts
 from .usage import Exchange
 
 __all__ = ["Target", "relay_json", "relay_stream", "upstream_rejection"]
@@ -81,11 +82,11 @@ class _ErrorBody(msgspec.Struct):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    url: str
+    fleet: Fleet  # the model's replicas: the balancer picks one
     body: bytes
-    api_key: str | None
     requested_model: str
     upstream_model: str
+    timeouts: Timeouts | None = None  # the model's; None: the pool's defaults
 
     def model_rewriter(self) -> tuple[bytes, bytes] | None:
         """(old, new) bytes of the ``model`` member, or None when the names agree.
@@ -148,10 +149,12 @@ def _take_usage(ex: Exchange, usage: _Usage | None) -> None:
     ex.cached_tokens = details.cached_tokens if details else None
 
 
-async def relay_json(upstreams: Upstreams, target: Target, send: Send, ex: Exchange) -> None:
+async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchange) -> None:
     waiting = time.monotonic()
     try:
-        async with upstreams.post(target.url, target.body, target.api_key) as resp:
+        async with balancer.post(target.fleet, target.body, target.timeouts) as (
+                replica, resp):
+            url = ex.upstream = replica.url
             data = await resp.read()
             status = resp.status
     finally:
@@ -165,8 +168,8 @@ async def relay_json(upstreams: Upstreams, target: Target, send: Send, ex: Excha
         ex.outcome = "upstream_error"
         raise UpstreamFailed("The model server sent a malformed response.") from exc
     _take_usage(ex, answer.usage)
-    if answer.system_fingerprint is not None or target.url not in _FINGERPRINTS:
-        _learn_fingerprint(target.url, answer.system_fingerprint)
+    if answer.system_fingerprint is not None or url not in _FINGERPRINTS:
+        _learn_fingerprint(url, answer.system_fingerprint)
     rewrite = target.model_rewriter()
     if rewrite:
         data = data.replace(rewrite[0], rewrite[1], 1)
@@ -217,10 +220,10 @@ class _Events:
     __slots__ = ("completion", "done", "ex", "final", "fingerprint", "n", "prompt",
                  "rewrite", "url", "want_running", "want_usage")
 
-    def __init__(self, target: Target, want_usage: bool, want_running: bool, n: int,
-                 ex: Exchange) -> None:
+    def __init__(self, target: Target, url: str, want_usage: bool, want_running: bool,
+                 n: int, ex: Exchange) -> None:
         self.rewrite = target.model_rewriter()
-        self.url = target.url
+        self.url = url
         self.want_usage = want_usage
         self.want_running = want_usage and want_running  # vLLM's own rule
         self.n = max(n, 1)
@@ -229,7 +232,7 @@ class _Events:
         self.final = False
         self.prompt: dict[int, int] = {}  # per prompt: its tokens
         self.completion: dict[int, int] = {}  # per choice: tokens generated so far
-        fingerprint = _FINGERPRINTS.get(target.url)
+        fingerprint = _FINGERPRINTS.get(url)
         self.fingerprint = (b',"system_fingerprint":' + msgspec.json.encode(fingerprint)
                             + b"}") if fingerprint is not None else None
 
@@ -304,16 +307,18 @@ class _Events:
             self.ex.completion_tokens = sum(self.completion.values())
 
 
-async def relay_stream(upstreams: Upstreams, target: Target, want_usage: bool,
+async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
                        want_running: bool, n: int, send: Send, ex: Exchange) -> None:
     """Relay vLLM's SSE as it arrives. Failures before the first byte raise (a normal
     error response); after it they become an SSE error event, then ``[DONE]``. The
     record is journaled before the event that ends the stream is sent."""
-    events = _Events(target, want_usage, want_running, n, ex)
-    ex.settle = events.settle
     waiting = time.monotonic()
-    async with upstreams.post(target.url, target.body, target.api_key) as resp:
+    async with balancer.post(target.fleet, target.body, target.timeouts) as (
+            replica, resp):
         ex.waited += time.monotonic() - waiting
+        ex.upstream = replica.url
+        events = _Events(target, replica.url, want_usage, want_running, n, ex)
+        ex.settle = events.settle
         if resp.status != 200:
             ex.outcome = "upstream_error"
             try:
@@ -361,7 +366,7 @@ async def relay_stream(upstreams: Upstreams, target: Target, want_usage: bool,
             if not events.done:
                 raise UpstreamFailed("The model server ended the stream early.")
         except GatewayError as failure:
-            log.warning("stream from %s failed after it started: %s", target.url,
+            log.warning("stream from %s failed after it started: %s", replica.url,
                         failure.message)
             ex.outcome = "upstream_error"
             ex.error_type = failure.code

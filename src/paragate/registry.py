@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .auth import REVOKED, Principal, check_key
 from .errors import AuthenticationFailed, ModelNotFound, ViewTooOld
-from .store import Changes, CompanyRecord, KeyRecord, ModelRecord, UserRecord
+from .store import Changes, CompanyRecord, KeyRecord, ModelRecord, ReplicaRecord, UserRecord
+from .upstream.pool import Timeouts
 
 __all__ = ["Registry", "Route", "View"]
 
@@ -41,6 +42,10 @@ class Route:
     display_name: str
     type: str
     created: int
+    # the model's live replicas, enabled or not, by id (a new tuple whenever one changes)
+    replicas: tuple[ReplicaRecord, ...] = ()
+    timeouts: Timeouts | None = None  # its own where set, else the gateway's
+    timeouts_set: tuple[float | None, ...] = (None, None, None, None)  # as configured
 
     @property
     def completions_url(self) -> str:
@@ -59,19 +64,23 @@ class View:
     users: dict[int, UserRecord]
     keys: dict[str, KeyRecord]
     catalog: dict[int, Route]  # live models by id, enabled or not
+    replicas: dict[int, ReplicaRecord]  # live replicas by id
 
 
 class Registry:
     """The current view, and the questions the request path asks of it."""
 
-    def __init__(self, *, default_max_logprobs: int, max_view_age: float = 0.0) -> None:
+    def __init__(self, *, default_max_logprobs: int, max_view_age: float = 0.0,
+                 default_timeouts: Timeouts | None = None) -> None:
         self._default_max_logprobs = default_max_logprobs
+        self._default_timeouts = default_timeouts or Timeouts(5.0, 600.0, 600.0)
         self._max_age = max_view_age
         self.version = 0
         self.companies: dict[int, CompanyRecord] = {}
         self.users: dict[int, UserRecord] = {}
         self.keys: dict[str, KeyRecord] = {}
         self.catalog: dict[int, Route] = {}
+        self.replicas: dict[int, ReplicaRecord] = {}
         self.routes: dict[str, Route] = {}  # enabled live models by name
         # Authorization header -> principal, for keys already checked against this view.
         self._checked: dict[bytes, Principal] = {}
@@ -83,14 +92,14 @@ class Registry:
 
     def build(self, changes: Changes) -> View:
         """A whole new view from every row (``Store.changes(0)``); runs in a thread."""
-        view = View(changes.version, {}, {}, {}, {})
+        view = View(changes.version, {}, {}, {}, {}, {})
         self._apply_rows(view, changes)
         return view
 
     def install(self, view: View) -> None:
         """Swap in a whole view at once."""
         self.companies, self.users, self.keys = view.companies, view.users, view.keys
-        self.catalog = view.catalog
+        self.catalog, self.replicas = view.catalog, view.replicas
         self.routes = {r.name: r for r in view.catalog.values() if r.enabled}
         self._checked = {}
         self.version = view.version
@@ -98,7 +107,8 @@ class Registry:
 
     def apply(self, changes: Changes) -> None:
         """Apply some changed rows in place (a slice of them: see ``slices``)."""
-        view = View(self.version, self.companies, self.users, self.keys, self.catalog)
+        view = View(self.version, self.companies, self.users, self.keys, self.catalog,
+                    self.replicas)
         renamed = self._apply_rows(view, changes)
         for model_id in renamed:
             old = next((n for n, r in self.routes.items() if r.id == model_id), None)
@@ -123,12 +133,28 @@ class Registry:
                 view.users.pop(u.id, None)
         for k in changes.keys:
             view.keys[k.public_id] = k
+        for r in changes.replicas:
+            if r.deleted_at is None:
+                view.replicas[r.id] = r
+            else:
+                view.replicas.pop(r.id, None)
         for m in changes.models:
             if m.deleted_at is None:
                 view.catalog[m.id] = self._route(m)
             else:
                 view.catalog.pop(m.id, None)
-        return [m.id for m in changes.models]
+        changed = {m.id for m in changes.models} | {r.model_id for r in changes.replicas}
+        if changes.replicas or changes.models:
+            by_model: dict[int, list[ReplicaRecord]] = {i: [] for i in changed}
+            for r in view.replicas.values():
+                if r.model_id in by_model:
+                    by_model[r.model_id].append(r)
+            for model_id, found in by_model.items():
+                route = view.catalog.get(model_id)
+                if route is not None:
+                    view.catalog[model_id] = replace(
+                        route, replicas=tuple(sorted(found, key=lambda r: r.id)))
+        return sorted(changed)
 
     def _route(self, m: ModelRecord) -> Route:
         created = m.created_at.timestamp() if m.created_at else 0
@@ -149,7 +175,19 @@ class Registry:
             display_name=m.display_name or m.name,
             type=m.type,
             created=int(created),
+            timeouts=self._timeouts(m),
+            timeouts_set=(m.connect_timeout, m.first_byte_timeout, m.idle_timeout,
+                          m.total_timeout),
         )
+
+    def _timeouts(self, m: ModelRecord) -> Timeouts:
+        d = self._default_timeouts
+        return Timeouts(
+            connect=m.connect_timeout if m.connect_timeout is not None else d.connect,
+            first_byte=m.first_byte_timeout if m.first_byte_timeout is not None
+            else d.first_byte,
+            idle=m.idle_timeout if m.idle_timeout is not None else d.idle,
+            total=m.total_timeout if m.total_timeout is not None else d.total)
 
     # -- the request path -------------------------------------------------------------------
 
@@ -224,7 +262,8 @@ def slices(changes: Changes, size: int = 2000) -> Iterator[Changes]:
     large change (a company of 50,000 keys deleted) never holds the event loop for long.
     Only the last piece carries the new version."""
     groups = [("companies", changes.companies), ("users", changes.users),
-              ("keys", changes.keys), ("models", changes.models)]
+              ("keys", changes.keys), ("replicas", changes.replicas),
+              ("models", changes.models)]  # a new model's replicas are there first
     pieces: list[Changes] = []
     for name, rows in groups:
         for start in range(0, len(rows), size):
@@ -236,4 +275,5 @@ def slices(changes: Changes, size: int = 2000) -> Iterator[Changes]:
     *head, last = pieces
     yield from head
     yield Changes(since=changes.since, version=changes.version, companies=last.companies,
-                  users=last.users, keys=last.keys, models=last.models)
+                  users=last.users, keys=last.keys, models=last.models,
+                  replicas=last.replicas)

@@ -84,20 +84,19 @@ async def completions(gw: Gateway, r: Request) -> None:
         # Last before forwarding, so that only a request that will be sent spends it.
         gw.limiter.check(r.caller)  # token budgets will be checked here too
         target = Target(
-            url=route.completions_url,
+            fleet=gw.balancer.fleet(route.id, route.name, route.replicas),
             body=body,
-            api_key=route.upstream_api_key,
             requested_model=req.model,
             upstream_model=route.upstream_model,
+            timeouts=route.timeouts,
         )
-        ex.upstream = route.upstream_url
         watcher = asyncio.create_task(hangup.watch(r.receive, task))
         if req.stream:
             gw.shutdown.streams[hangup] = hangup.cut
-            await relay_stream(gw.upstreams, target, req.include_usage, req.running_usage,
+            await relay_stream(gw.balancer, target, req.include_usage, req.running_usage,
                                req.n, r.send, ex)
         else:
-            await relay_json(gw.upstreams, target, r.send, ex)
+            await relay_json(gw.balancer, target, r.send, ex)
     except asyncio.CancelledError:
         # Our own cancellations end the request quietly: the client left, or the
         # shutdown timeout cut the stream. Any other (uvicorn giving up) propagates.

@@ -3,6 +3,10 @@
 Exact paths are one dict lookup (the hot path: ``/api/v2/completions``); templates with
 one ``{param}`` are tried after, longest suffix first. A ``{model}`` parameter may hold
 slashes (model names such as ``org/model`` do); every other parameter is one segment.
+A template may end in a second, one-segment parameter after a ``{model}``
+(``/api/v2/models/{model}/replicas/{replica}``): the last segment is that one, and what
+lies between the prefix and the fixed part before it is the model's name (a model name
+never has a segment named ``replicas``, so this cannot be mistaken for one).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Request:
     send: Send
     principal: Principal | None  # None only on public routes
     path_param: str = ""
+    sub_param: str = ""  # a template's second parameter (``{replica}``)
 
     @property
     def caller(self) -> Principal:
@@ -78,26 +83,42 @@ class Router:
     def __init__(self, table: Table) -> None:
         self.exact = {p: dict(m) for p, m in table.items() if "{" not in p}
         templates = []
+        pairs = []
         for path, methods in table.items():
-            if "{" in path:
+            if path.count("{") == 2:
+                prefix, rest = path.split("{", 1)
+                first, rest = rest.split("}", 1)
+                middle, rest = rest.split("{", 1)
+                _, tail = rest.split("}", 1)
+                assert "{" + first + "}" in _GREEDY and not tail, path
+                pairs.append((prefix, middle, path, dict(methods)))
+            elif "{" in path:
                 prefix, rest = path.split("{", 1)
                 name, suffix = rest.split("}", 1)
                 greedy = "{" + name + "}" in _GREEDY
                 templates.append((prefix, suffix, greedy, path, dict(methods)))
         self.templates = sorted(templates, key=lambda t: (-len(t[1]), -len(t[0])))
+        self.pairs = pairs
 
-    def match(self, path: str) -> tuple[str, str, dict[str, Endpoint]] | None:
-        """(template, path parameter, endpoints by method), or None."""
+    def match(self, path: str) -> tuple[str, tuple[str, str], dict[str, Endpoint]] | None:
+        """(template, (path parameter, second parameter), endpoints by method), or None."""
         methods = self.exact.get(path)
         if methods is not None:
-            return path, "", methods
+            return path, ("", ""), methods
+        for prefix, middle, template, endpoints in self.pairs:
+            if path.startswith(prefix):
+                at = path.rfind(middle)
+                if at > len(prefix):
+                    second = path[at + len(middle):]
+                    if second and "/" not in second:
+                        return template, (path[len(prefix):at], second), endpoints
         for prefix, suffix, greedy, template, endpoints in self.templates:
             if path.startswith(prefix) and path.endswith(suffix) and (
                 len(path) > len(prefix) + len(suffix)
             ):
                 param = path[len(prefix):len(path) - len(suffix)]
                 if greedy or "/" not in param:
-                    return template, param, endpoints
+                    return template, (param, ""), endpoints
         stripped = path.rstrip("/")
         if stripped != path and stripped:
             return self.match(stripped)

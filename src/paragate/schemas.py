@@ -26,6 +26,10 @@ __all__ = [
     "Me",
     "Model",
     "ModelList",
+    "Replica",
+    "ReplicaCreate",
+    "ReplicaList",
+    "ReplicaUpdate",
     "User",
     "UserList",
 ]
@@ -87,6 +91,15 @@ class ModelLimits(_Body):
     max_tokens_limit: int | UnsetType | None = UNSET
 
 
+class ModelTimeouts(_Body):
+    """Seconds; each unset (or null) one is the gateway's default."""
+
+    connect: float | UnsetType | None = UNSET
+    first_byte: float | UnsetType | None = UNSET
+    idle: float | UnsetType | None = UNSET
+    total: float | UnsetType | None = UNSET
+
+
 class ModelCreate(_Body):
     name: str
     upstream_url: str
@@ -97,6 +110,7 @@ class ModelCreate(_Body):
     enabled: bool = True
     companies: list[int] | None = None  # default: every company
     limits: ModelLimits | None = None
+    timeouts: ModelTimeouts | None = None
 
 
 class ModelUpdate(_Body):
@@ -109,6 +123,25 @@ class ModelUpdate(_Body):
     enabled: bool | UnsetType = UNSET
     companies: list[int] | UnsetType | None = UNSET
     limits: ModelLimits | UnsetType = UNSET
+    timeouts: ModelTimeouts | UnsetType = UNSET
+
+
+class ReplicaCreate(_Body):
+    url: str  # the vLLM base, as a model's upstream_url: http://host:8000/v1
+    weight: int = 1
+    upstream_api_key: str | None = None
+    enabled: bool = True
+    draining: bool = False
+    health_url: str | None = None  # default: the url without a trailing /v1
+
+
+class ReplicaUpdate(_Body):
+    url: str | UnsetType = UNSET
+    weight: int | UnsetType = UNSET
+    upstream_api_key: str | UnsetType | None = UNSET
+    enabled: bool | UnsetType = UNSET
+    draining: bool | UnsetType = UNSET
+    health_url: str | UnsetType | None = UNSET
 
 
 def given(body: msgspec.Struct) -> dict[str, Any]:
@@ -164,6 +197,15 @@ class Limits(msgspec.Struct):
     max_tokens_limit: int | None
 
 
+class Timeouts(msgspec.Struct):
+    """A model's own timeouts, in seconds (null: the gateway's default)."""
+
+    connect: float | None
+    first_byte: float | None
+    idle: float | None
+    total: float | None
+
+
 class Model(msgspec.Struct, tag="model", tag_field="object"):
     """OpenAI's model object; the configuration fields are for system admins only."""
 
@@ -178,6 +220,7 @@ class Model(msgspec.Struct, tag="model", tag_field="object"):
     has_upstream_api_key: bool | UnsetType = UNSET
     companies: list[int] | UnsetType | None = UNSET
     limits: Limits | UnsetType = UNSET
+    timeouts: Timeouts | UnsetType = UNSET
 
 
 class Actor(msgspec.Struct):
@@ -247,7 +290,39 @@ def _list_of(item: type, name: str) -> type:
 CompanyList = _list_of(Company, "CompanyList")
 UserList = _list_of(User, "UserList")
 ApiKeyList = _list_of(ApiKey, "ApiKeyList")
+class Queue(msgspec.Struct):
+    """What vLLM's /metrics said at the last health check (models with several
+    replicas only; null until then)."""
+
+    running: int | None
+    waiting: int | None
+
+
+class Replica(msgspec.Struct, tag="model.replica", tag_field="object"):
+    """A replica's configuration and, as this gateway process sees it, its state."""
+
+    id: int
+    model: str
+    url: str
+    weight: int
+    enabled: bool
+    draining: bool
+    has_upstream_api_key: bool
+    health_url: str | None
+    state: Literal["healthy", "ejected", "draining"]
+    in_flight: int  # requests this process has on it now
+    queue: Queue
+    latency_ms: float | None  # moving average of the time to vLLM's answer headers
+    requests: int  # sent by this process since it started
+    errors: int
+    consecutive_failures: int
+    last_error: str | None
+    created_at: int
+    updated_at: int
+
+
 ModelList = _list_of(Model, "ModelList")
+ReplicaList = _list_of(Replica, "ReplicaList")
 AuditEntryList = _list_of(AuditEntry, "AuditEntryList")
 
 class UsageRow(msgspec.Struct, omit_defaults=True):
@@ -277,7 +352,8 @@ class UsageReport(msgspec.Struct):
 
 
 REQUESTS: tuple[type, ...] = (CompanyCreate, CompanyUpdate, UserCreate, UserUpdate,
-                              ApiKeyCreate, ApiKeyUpdate, ModelCreate, ModelUpdate)
+                              ApiKeyCreate, ApiKeyUpdate, ModelCreate, ModelUpdate,
+                              ReplicaCreate, ReplicaUpdate)
 RESPONSES: tuple[type, ...] = (Company, CompanyList, User, UserList, ApiKey, ApiKeyList,
-                               Model, ModelList, AuditEntry, AuditEntryList, Me, Deleted,
-                               UsageReport)
+                               Model, ModelList, Replica, ReplicaList, AuditEntry,
+                               AuditEntryList, Me, Deleted, UsageReport)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from msgspec import UNSET
 
 from . import schemas as s
 from .control.keys import Key
 from .registry import Route
-from .store import AuditRecord, CompanyRecord, UserRecord
+from .store import AuditRecord, CompanyRecord, ReplicaRecord, UserRecord
+
+if TYPE_CHECKING:
+    from .upstream.balancer import Replica
 
 __all__ = ["audit", "company", "key", "listing", "model", "user"]
 
@@ -72,7 +75,28 @@ def model(route: Route, config: bool) -> s.Model:
         out.limits = s.Limits(max_logprobs=route.max_logprobs_set,
                               default_max_tokens=route.default_max_tokens,
                               max_tokens_limit=route.max_tokens_limit)
+        out.timeouts = s.Timeouts(*route.timeouts_set)
     return out
+
+
+def replica(model: str, r: ReplicaRecord, live: Replica | None) -> s.Replica:
+    """A replica's configuration, and this process's view of it (``live``: None when
+    no request or check has seen it yet, e.g. a model that is disabled)."""
+    takes = r.enabled and not r.draining
+    state = live.state if live is not None else ("healthy" if takes else "draining")
+    return s.Replica(
+        id=r.id, model=model, url=r.url, weight=r.weight, enabled=r.enabled,
+        draining=r.draining, has_upstream_api_key=r.upstream_api_key is not None,
+        health_url=r.health_url, state=state,  # type: ignore[arg-type]
+        in_flight=live.inflight if live else 0,
+        queue=s.Queue(running=live.running if live else None,
+                      waiting=live.waiting if live else None),
+        latency_ms=round(live.latency_ms, 3) if live and live.latency_ms is not None
+        else None,
+        requests=live.requests if live else 0, errors=live.errors if live else 0,
+        consecutive_failures=live.fails if live else 0,
+        last_error=live.last_error if live else None,
+        created_at=_ts(r.created_at), updated_at=_ts(r.updated_at))
 
 
 def audit(a: AuditRecord) -> s.AuditEntry:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..access import PERMISSIONS
 from ..routing import Endpoint, Handler, Table
-from . import audit, companies, keys, models, reporting, users
+from . import audit, companies, keys, models, replicas, reporting, users
 
 __all__ = ["ROUTES"]
 
@@ -36,6 +36,11 @@ ROUTES: Table = {
     "/api/v2/models": {"POST": _e(models.create, "models.manage")},
     "/api/v2/models/{model}": {"PATCH": _e(models.update, "models.manage"),
                                "DELETE": _e(models.delete, "models.manage")},
+    "/api/v2/models/{model}/replicas": {"GET": _e(replicas.list_, "models.manage"),
+                                        "POST": _e(replicas.create, "models.manage")},
+    "/api/v2/models/{model}/replicas/{replica}": {
+        "PATCH": _e(replicas.update, "models.manage"),
+        "DELETE": _e(replicas.delete, "models.manage")},
     "/api/v2/audit-log": {"GET": _e(audit.list_, "audit.read")},
     "/api/v2/reporting/usage": {"GET": _e(reporting.usage_report, "usage.report")},
 }

@@ -23,6 +23,9 @@ def _fields(b: s.ModelCreate | s.ModelUpdate) -> dict[str, Any]:
     limits = fields.pop("limits", None)
     if limits is not None:
         fields.update(s.given(limits))
+    timeouts = fields.pop("timeouts", None)
+    if timeouts is not None:
+        fields.update({f"{k}_timeout": v for k, v in s.given(timeouts).items()})
     return fields
 
 

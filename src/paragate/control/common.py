@@ -14,8 +14,9 @@ from sqlalchemy import Connection, Select, select
 
 from ..access import ADMIN, RANK
 from ..errors import InvalidRequest, NotFound, PermissionDenied
-from ..store.records import CompanyRecord
-from ..store.schema import companies
+from ..store import model_of
+from ..store.records import CompanyRecord, ModelRecord
+from ..store.schema import companies, models
 
 __all__ = [
     "INT_MAX",
@@ -173,3 +174,13 @@ def from_unix(value: int, field: str) -> datetime:
         return datetime.fromtimestamp(value, UTC)
     except (OverflowError, OSError, ValueError):
         raise InvalidRequest(f"'{field}' is not a valid Unix time.", param=field) from None
+
+
+def live_model(conn: Connection, name: str) -> ModelRecord:
+    """A model not deleted, by name, else 404 ``model_not_found``."""
+    row = conn.execute(select(models).where(
+        models.c.name == name, models.c.deleted_at.is_(None))).mappings().first()
+    if row is None:
+        raise NotFound(f"The model '{name[:200]}' does not exist.", param="model",
+                       code="model_not_found")
+    return model_of(row)

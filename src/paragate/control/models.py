@@ -12,6 +12,7 @@ from sqlalchemy import update as sql_update
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..store import ModelRecord, Store, model_of
 from ..store.schema import companies, models
+from . import replicas
 from .common import (
     Actor,
     check_api_key,
@@ -19,15 +20,19 @@ from .common import (
     check_int,
     check_text,
     check_url,
+    live_model,
     require_admin,
 )
 
 __all__ = ["FIELDS", "TYPES", "create", "delete", "get", "list_", "update"]
 
 TYPES = ("llm", "embedding")
+TIMEOUTS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout")
+MAX_TIMEOUT = 86400.0
 # What `create` and `update` take, beside `name`.
 FIELDS = ("display_name", "type", "upstream_url", "upstream_model", "upstream_api_key",
-          "enabled", "company_ids", "max_logprobs", "default_max_tokens", "max_tokens_limit")
+          "enabled", "company_ids", "max_logprobs", "default_max_tokens", "max_tokens_limit",
+          *TIMEOUTS)
 _SECRET = "upstream_api_key"
 MASK = "<secret>"
 
@@ -36,6 +41,10 @@ def _check_name(name: str) -> str:
     check_text(name, "name", 200)
     if any(c.isspace() for c in name):
         raise InvalidRequest("'name' must not contain spaces.", param="name")
+    if "replicas" in name.split("/"):
+        # /api/v2/models/<name>/replicas addresses the model's replicas
+        raise InvalidRequest("'name' must not have a path segment named 'replicas'.",
+                             param="name")
     return name
 
 
@@ -58,6 +67,11 @@ def _check(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
     check_int(values.get("max_logprobs"), "max_logprobs", 0, 20)
     check_int(values.get("default_max_tokens"), "default_max_tokens", 1)
     check_int(values.get("max_tokens_limit"), "max_tokens_limit", 1)
+    for name in TIMEOUTS:
+        seconds = values.get(name)
+        if seconds is not None and not 0 < seconds <= MAX_TIMEOUT:
+            raise InvalidRequest(f"'{name}' must be more than 0 and at most "
+                                 f"{MAX_TIMEOUT:g} seconds, got {seconds:g}.", param=name)
     ids = values.get("company_ids")
     if ids is not None:
         ids = sorted(set(ids))
@@ -68,15 +82,6 @@ def _check(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
             raise NotFound(f"No company with id {missing[0]}.", param="companies")
         values["company_ids"] = ids
     return values
-
-
-def _live(conn: Connection, name: str) -> ModelRecord:
-    row = conn.execute(select(models).where(
-        models.c.name == name, models.c.deleted_at.is_(None))).mappings().first()
-    if row is None:
-        raise NotFound(f"The model '{name[:200]}' does not exist.", param="model",
-                       code="model_not_found")
-    return model_of(row)
 
 
 def _unique(conn: Connection, name: str) -> None:
@@ -105,16 +110,18 @@ def create(store: Store, actor: Actor, name: str, **values: Any) -> ModelRecord:
         model_id = ch.conn.execute(insert(models).values(
             **row, version=ch.version, created_at=ch.at, updated_at=ch.at
         ).returning(models.c.id)).scalar_one()
+        replicas.add(ch, model_id, url=row["upstream_url"],
+                     upstream_api_key=row.get("upstream_api_key"))
         ch.audit("model.create", "model", model_id, None,
                  {k: [None, _masked(k, v)] for k, v in row.items()})
-        return _live(ch.conn, name)
+        return live_model(ch.conn, name)
 
 
 def update(store: Store, actor: Actor, name: str, /, **changes: Any) -> ModelRecord:
     """Change the fields given (``name`` renames; None unsets an optional field)."""
     require_admin(actor)
     with store.change(actor.audit_columns()) as ch:
-        before = _live(ch.conn, name)
+        before = live_model(ch.conn, name)
         for required in ("name", "upstream_url", "upstream_model", "type", "enabled"):
             if required in changes and changes[required] is None:
                 raise InvalidRequest(f"'{required}' cannot be unset.", param=required)
@@ -127,10 +134,11 @@ def update(store: Store, actor: Actor, name: str, /, **changes: Any) -> ModelRec
             return before
         if "name" in diff:
             _unique(ch.conn, changes["name"])
+        replicas.set_only(ch, before, {k: changes[k] for k in diff})
         ch.conn.execute(sql_update(models).where(models.c.id == before.id).values(
             **{k: changes[k] for k in diff}, version=ch.version, updated_at=ch.at))
         ch.audit("model.update", "model", before.id, None, diff)
-        return _live(ch.conn, changes.get("name", name))
+        return live_model(ch.conn, changes.get("name", name))
 
 
 def _norm(value: Any) -> Any:
@@ -140,7 +148,8 @@ def _norm(value: Any) -> Any:
 def delete(store: Store, actor: Actor, name: str) -> ModelRecord:
     require_admin(actor)
     with store.change(actor.audit_columns()) as ch:
-        model = _live(ch.conn, name)
+        model = live_model(ch.conn, name)
+        replicas.delete_all(ch, model.id)
         ch.conn.execute(sql_update(models).where(models.c.id == model.id).values(
             deleted_at=ch.at, version=ch.version, updated_at=ch.at))
         ch.audit("model.delete", "model", model.id, None, {"name": [name, None]})
@@ -150,7 +159,7 @@ def delete(store: Store, actor: Actor, name: str) -> ModelRecord:
 def get(store: Store, actor: Actor, name: str) -> ModelRecord:
     require_admin(actor)
     with store.read() as conn:
-        return _live(conn, name)
+        return live_model(conn, name)
 
 
 def list_(store: Store, actor: Actor) -> list[ModelRecord]:

@@ -43,6 +43,7 @@ from .records import (
     CompanyRecord,
     KeyRecord,
     ModelRecord,
+    ReplicaRecord,
     UsageRecord,
     UserRecord,
 )
@@ -51,6 +52,7 @@ from .schema import (
     audit_log,
     companies,
     config_state,
+    model_replicas,
     models,
     usage_records,
     users,
@@ -64,6 +66,7 @@ __all__ = [
     "CompanyRecord",
     "KeyRecord",
     "ModelRecord",
+    "ReplicaRecord",
     "Store",
     "UsageRecord",
     "UserRecord",
@@ -72,6 +75,7 @@ __all__ = [
     "key_of",
     "model_of",
     "now",
+    "replica_of",
     "user_of",
 ]
 
@@ -188,6 +192,7 @@ class Store:
                 users=rows(users, user_of),
                 keys=rows(api_keys, key_of),
                 models=rows(models, model_of),
+                replicas=rows(model_replicas, replica_of),
             )
 
     def touch_keys(self, key_ids: Iterable[int], at: datetime) -> None:
@@ -254,6 +259,10 @@ def model_of(row: RowMapping) -> ModelRecord:
     ids = values["company_ids"]
     values["company_ids"] = tuple(ids) if ids is not None else None
     return ModelRecord(**values)
+
+
+def replica_of(row: RowMapping) -> ReplicaRecord:
+    return ReplicaRecord(**row)
 
 
 def audit_of(row: RowMapping) -> AuditRecord:

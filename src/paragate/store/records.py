@@ -80,11 +80,41 @@ class ModelRecord:
     max_logprobs: int | None = None
     default_max_tokens: int | None = None
     max_tokens_limit: int | None = None
+    connect_timeout: float | None = None  # seconds; None: the gateway's default
+    first_byte_timeout: float | None = None
+    idle_timeout: float | None = None
+    total_timeout: float | None = None  # None: none
     id: int = 0
     version: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
     deleted_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """One vLLM server behind a model (``schema.model_replicas``)."""
+
+    id: int
+    model_id: int
+    url: str  # the vLLM base, as a model's upstream_url: http://host:8000/v1
+    weight: int
+    upstream_api_key: str | None
+    enabled: bool
+    draining: bool
+    health_url: str | None  # where /health and /metrics are; None: url without /v1
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+    @property
+    def base_url(self) -> str:
+        """Where vLLM serves /health, /metrics and /tokenize: its root."""
+        if self.health_url:
+            return self.health_url.rstrip("/")
+        url = self.url.rstrip("/")
+        return url[:-3] if url.endswith("/v1") else url
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +144,12 @@ class Changes:
     users: tuple[UserRecord, ...] = ()
     keys: tuple[KeyRecord, ...] = ()
     models: tuple[ModelRecord, ...] = ()
+    replicas: tuple[ReplicaRecord, ...] = ()
 
     @property
     def rows(self) -> int:
-        return len(self.companies) + len(self.users) + len(self.keys) + len(self.models)
+        return (len(self.companies) + len(self.users) + len(self.keys) + len(self.models)
+                + len(self.replicas))
 
 
 class UsageRecord(msgspec.Struct, frozen=True):

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -36,6 +37,7 @@ __all__ = [
     "companies",
     "config_state",
     "metadata",
+    "model_replicas",
     "models",
     "usage_daily",
     "usage_daily_company",
@@ -157,11 +159,40 @@ models = Table(
     Column("max_logprobs", Integer, nullable=True),
     Column("default_max_tokens", Integer, nullable=True),
     Column("max_tokens_limit", Integer, nullable=True),
+    # seconds; null: the gateway's defaults (PARAGATE_UPSTREAM_CONNECT_TIMEOUT,
+    # PARAGATE_UPSTREAM_READ_TIMEOUT for the first byte and between chunks; no total)
+    Column("connect_timeout", Float, nullable=True),
+    Column("first_byte_timeout", Float, nullable=True),
+    Column("idle_timeout", Float, nullable=True),
+    Column("total_timeout", Float, nullable=True),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime, nullable=True),
     _live_unique("uq_models_live_name", "name"),
+    sqlite_autoincrement=True,
+)
+
+# The vLLM servers behind a model: each a base URL (as models.upstream_url, e.g.
+# http://host:8000/v1), its weight among the others, its own upstream API key, and an
+# administrator's switches. `health_url` overrides where /health and /metrics are read
+# (by default the URL without a trailing /v1). A model made with one upstream has that
+# one replica; models.upstream_url and upstream_api_key stay as its first replica's.
+model_replicas = Table(
+    "model_replicas",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_id", Integer, ForeignKey("models.id"), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("weight", Integer, nullable=False),
+    Column("upstream_api_key", Text, nullable=True),
+    Column("enabled", Boolean, nullable=False),
+    Column("draining", Boolean, nullable=False),
+    Column("health_url", Text, nullable=True),
+    Column("version", BigInteger, nullable=False, index=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime, nullable=True),
     sqlite_autoincrement=True,
 )
 
@@ -273,4 +304,4 @@ usage_daily = _rollup("usage_daily", *_dims(*ROLLUP_DIMS, "month"))
 usage_daily_company = _rollup("usage_daily_company", *_dims("company_id", "model", "month"))
 
 # The tables whose rows a gateway holds in memory, in the order they are applied.
-CONFIG_TABLES = (companies, users, api_keys, models)
+CONFIG_TABLES = (companies, users, api_keys, models, model_replicas)

@@ -7,9 +7,16 @@ already de-chunked. It takes a third of the CPU per request of aiohttp's client,
 replaced (bench/clients.py measures them; docs/stack.md has the figures).
 Every failure is translated here, once, into the error a client sees:
 
-- cannot connect (refused, DNS, connect timeout): 503 ``upstream_unavailable``;
-- connected, but nothing for ``read_timeout`` seconds: 504 ``upstream_timeout``;
+- cannot connect (refused, DNS): 503 ``upstream_unavailable``; no connection within the
+  connect timeout: 503 ``upstream_connect_timeout``;
+- connected, but no answer headers within the first-byte timeout: 504
+  ``upstream_first_byte_timeout``; an answer started, then nothing for the idle timeout:
+  504 ``upstream_idle_timeout``; past the request's deadline (a model's total timeout):
+  504 ``upstream_total_timeout``;
 - the connection broke, or the answer is not HTTP: 502 ``upstream_error``.
+
+The timeouts are the pool's (``connect_timeout``, ``read_timeout`` for both the first
+byte and the gaps) unless a request brings its own ``Timeouts`` (a model's).
 
 A request is written once and never resent from here: whether another try is safe (and
 where it should go) is the caller's decision, which knows the fleet.
@@ -22,14 +29,33 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httptools
 
-from .errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from ..errors import (
+    UpstreamConnectTimeout,
+    UpstreamFailed,
+    UpstreamFirstByteTimeout,
+    UpstreamIdleTimeout,
+    UpstreamTimeout,
+    UpstreamTotalTimeout,
+    UpstreamUnavailable,
+)
 
-__all__ = ["Response", "Upstreams"]
+__all__ = ["Response", "Timeouts", "Upstreams"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """A request's timeouts, in seconds (a model's, its unset ones the gateway's)."""
+
+    connect: float
+    first_byte: float  # until the answer's headers
+    idle: float  # between two pieces of an answer
+    total: float | None = None  # from the first try to the last byte; None: none
 
 _HIGH_WATER = 1 << 20  # stop reading from vLLM while this much is buffered, unread
 _Origin = tuple[str, str, int]  # scheme, host, port
@@ -153,6 +179,17 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+def _where(url: str) -> tuple[SplitResult, _Origin, str]:
+    """``url``'s parts, its pool key and its origin; 503 unless http(s)."""
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    if parts.scheme not in ("http", "https"):
+        raise UpstreamUnavailable(f"The upstream {origin} is not http:// or https://.")
+    key = (parts.scheme, parts.hostname or "127.0.0.1",
+           parts.port or (443 if parts.scheme == "https" else 80))
+    return parts, key, origin
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -161,10 +198,13 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class Response:
     """The answer to one request: ``status``, then ``read()`` or ``iter_chunks()``."""
 
-    def __init__(self, conn: _Connection, origin: str, read_timeout: float) -> None:
+    def __init__(self, conn: _Connection, origin: str, first_byte: float, idle: float,
+                 deadline: float | None = None) -> None:
         self._conn = conn
         self._origin = origin
-        self._timeout = read_timeout
+        self._first_byte = first_byte
+        self._idle = idle
+        self._deadline = deadline  # loop time
 
     @property
     def status(self) -> int:
@@ -172,13 +212,25 @@ class Response:
 
     async def _progress(self) -> None:
         conn = self._conn
+        wait = self._idle if conn.headers_done else self._first_byte
+        last = False  # this wait ends at the deadline
+        if self._deadline is not None:
+            left = self._deadline - asyncio.get_running_loop().time()
+            if left <= wait:
+                wait, last = max(left, 0.0), True
         try:
-            await conn.wait(self._timeout)
+            await conn.wait(wait)
         except TimeoutError:
             conn.broken = "timed out"
-            raise UpstreamTimeout(
-                f"The model server at {self._origin} sent nothing for "
-                f"{self._timeout:g} s.") from None
+            error: type[UpstreamTimeout]
+            if last:
+                error, what = UpstreamTotalTimeout, "did not finish within the model's " \
+                    "total timeout"
+            elif conn.headers_done:
+                error, what = UpstreamIdleTimeout, f"sent nothing for {wait:g} s"
+            else:
+                error, what = UpstreamFirstByteTimeout, f"sent nothing for {wait:g} s"
+            raise error(f"The model server at {self._origin} {what}.") from None
         if conn.broken and not conn.complete:
             raise UpstreamFailed(f"The model server at {self._origin} {conn.broken}.")
 
@@ -224,24 +276,30 @@ class Upstreams:
             self._tls_context = ssl.create_default_context()
         return self._tls_context
 
-    async def _connect(self, key: _Origin, origin: str) -> _Connection:
+    async def _connect(self, key: _Origin, origin: str, *, count: bool = True,
+                       seconds: float | None = None) -> _Connection:
         scheme, host, port = key
         tls = self._tls() if scheme == "https" else None
         loop = asyncio.get_running_loop()
+        limit = self._connect_timeout if seconds is None else seconds
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop), host, port, ssl=tls,
                     server_hostname=host if tls else None)
-        except (OSError, TimeoutError) as exc:
-            why = "connect timeout" if isinstance(exc, TimeoutError) else (
-                exc.strerror or str(exc) or type(exc).__name__)  # "Too many open files"...
+        except TimeoutError as exc:
+            raise UpstreamConnectTimeout(
+                f"The model server at {origin} did not accept a connection within "
+                f"{limit:g} s.") from exc
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__  # "Too many open files"...
             raise UpstreamUnavailable(
                 f"The model server at {origin} is unreachable ({why}).") from exc
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.opened += 1
+        if count:
+            self.opened += 1
         return conn
 
     def _acquire_idle(self, key: _Origin) -> _Connection | None:
@@ -267,12 +325,7 @@ class Upstreams:
 
     def _target(self, url: str, api_key: str | None) -> _Target:
         """Where ``url`` leads and the request head for it, worked out once per URL."""
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        if parts.scheme not in ("http", "https"):
-            raise UpstreamUnavailable(f"The upstream {origin} is not http:// or https://.")
-        key = (parts.scheme, parts.hostname or "127.0.0.1",
-               parts.port or (443 if parts.scheme == "https" else 80))
+        parts, key, origin = _where(url)
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         target = (
             key, origin,
@@ -286,10 +339,13 @@ class Upstreams:
         return target
 
     @asynccontextmanager
-    async def post(self, url: str, body: bytes, api_key: str | None) -> AsyncIterator[Response]:
+    async def post(self, url: str, body: bytes, api_key: str | None,
+                   timeouts: Timeouts | None = None, deadline: float | None = None
+                   ) -> AsyncIterator[Response]:
         """POST ``body`` to ``url``. Leaving the block returns the connection to the pool
         if its answer was read to the end, else closes it, which is how vLLM learns that
-        a client went away (it then aborts the generation)."""
+        a client went away (it then aborts the generation). ``deadline`` (loop time)
+        bounds the whole answer: a model's total timeout."""
         target = self._targets.get((url, api_key)) or self._target(url, api_key)
         key, origin, head_start, head_end = target
         head = b"%s%d%s" % (head_start, len(body), head_end)
@@ -307,11 +363,14 @@ class Upstreams:
             # before the write (``_acquire_idle``), and one idle for longer than
             # ``max_idle`` is not used at all, which keeps clear of the server's own
             # keep-alive timeout (vLLM's uvicorn: 5 s) racing the write.
-            conn = self._acquire_idle(key) or await self._connect(key, origin)
+            conn = self._acquire_idle(key) or await self._connect(
+                key, origin, seconds=timeouts.connect if timeouts else None)
             conn.reset()
             assert conn.transport is not None
             conn.transport.write(head + body)
-            response = Response(conn, origin, self._read_timeout)
+            response = Response(
+                conn, origin, timeouts.first_byte if timeouts else self._read_timeout,
+                timeouts.idle if timeouts else self._read_timeout, deadline)
             while not conn.headers_done:
                 await response._progress()
             yield response
@@ -325,6 +384,36 @@ class Upstreams:
                     conn.transport.close()
             if limit is not None:
                 limit.release()
+
+    async def get(self, url: str, seconds: float, max_bytes: int = 4 << 20
+                  ) -> tuple[int, bytes]:
+        """GET ``url`` on a connection of its own, closed after: (status, body). For
+        the health checks (``/health``, ``/metrics``), kept out of the request pool
+        and out of ``opened``. Raises the usual errors, ``UpstreamTimeout`` after
+        ``seconds`` in all."""
+        parts, key, origin = _where(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                conn = await self._connect(key, origin, count=False)
+                assert conn.transport is not None
+                conn.transport.write(f"GET {path or '/'} HTTP/1.1\r\nHost: {parts.netloc}"
+                                     "\r\nConnection: close\r\n\r\n".encode("latin-1"))
+                response = Response(conn, origin, seconds, seconds)
+                parts_read: list[bytes] = []
+                size = 0
+                async for chunk in response.iter_chunks():
+                    parts_read.append(chunk)
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise UpstreamFailed(f"{url} answered more than {max_bytes} bytes.")
+                return conn.status, b"".join(parts_read)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{url} did not answer within {seconds:g} s.") from None
+        finally:
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
 
     async def close(self) -> None:
         for idle in self._idle.values():

@@ -1,0 +1,58 @@
+"""What choosing a replica costs (issue 9's aim: <= 5 µs among eight): ``Fleet.choose``
+for 1, 2 and 8 replicas, equal and unequal weights, loads spread as under traffic, in
+microseconds per call (median of 5 runs of ``timeit``). Prints a Markdown table.
+
+    .venv/bin/python bench/balancer.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import timeit
+from datetime import UTC, datetime
+
+from paragate.store import ReplicaRecord
+from paragate.upstream.balancer import Fleet, Replica
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def fleet(weights: list[int], seed: int) -> Fleet:
+    records = tuple(ReplicaRecord(
+        id=i + 1, model_id=1, url=f"http://gpu-{i}:8000/v1", weight=w,
+        upstream_api_key=None, enabled=True, draining=False, health_url=None, version=1,
+        created_at=NOW, updated_at=NOW, deleted_at=None) for i, w in enumerate(weights))
+    members = [Replica(r) for r in records]
+    rng = random.Random(seed)
+    for m in members:  # as under load: some in flight here, some queued elsewhere
+        m.inflight, m.others = rng.randrange(0, 20), rng.randrange(0, 40)
+    return Fleet("m", records, members)
+
+
+def per_call_us(f: Fleet, number: int) -> float:
+    rng = random.Random(7)
+    tried: list[Replica] = []
+    runs = timeit.repeat(lambda: f.choose(tried, rng), number=number, repeat=5)
+    return statistics.median(runs) / number * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--number", type=int, default=200_000)
+    args = parser.parse_args()
+    print("| replicas | weights | µs per choice |\n|---|---|---|")
+    for label, weights in [("1", [1]), ("2", [1, 1]), ("8", [1] * 8),
+                           ("8", [1, 2, 3, 4, 1, 2, 3, 4])]:
+        kind = "equal" if len(set(weights)) == 1 else "unequal (1-4)"
+        us = per_call_us(fleet(weights, 1), args.number)
+        print(f"| {label} | {kind} | {us:.2f} |")
+    f = fleet([1] * 8, 2)
+    f.members[0].ejected = True
+    f.members[1].takes_traffic = False
+    print(f"| 8, one ejected and one draining | equal | {per_call_us(f, args.number):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Which replica gets a request, and another try where one is safe.
+
+Each model's replicas form a ``Fleet``; each replica's live state (requests in flight
+from this process, the queue vLLM last reported, consecutive failures, ejection) is a
+``Replica``, kept across configuration changes by replica id.
+
+**Choice**: among the replicas that take traffic (enabled, not draining, not ejected),
+two picked at random in proportion to their weights, and the less loaded of the two
+(power of two choices: near the best choice, without a scan or a lock). A replica's
+load is what this process has in flight on it plus what others had there at the last
+read of vLLM's ``/metrics`` (``vllm:num_requests_running`` + ``..._waiting``, less this
+process's own share then), divided by its weight. A model with one replica skips all
+of it.
+
+**Another try**, only when the request cannot have been processed: the connection could
+not be opened, or vLLM answered 503 (its queue is full) or 429, before anything reached
+the client. It goes to a replica not tried yet, at most ``retries`` times and not after
+``retry_window`` seconds. A connection that breaks once the request was written is a
+502: vLLM may be generating it.
+
+**Ejection**: ``eject_after`` consecutive failures (a connect error, a 5xx other than
+503, a broken or timed-out answer, or a failed health check) take a replica out of
+rotation; the health checker probes it again after a back-off that doubles from
+``base_backoff`` to ``max_backoff`` and re-admits it on the first good answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from ..errors import (
+    GatewayError,
+    NoReplica,
+    UpstreamFailed,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ..store import ReplicaRecord
+from .pool import Response, Timeouts, Upstreams
+
+__all__ = ["Balancer", "Fleet", "Replica"]
+
+_BUSY = (429, 503)  # vLLM's "queue full" and a rate limit in front of it: try elsewhere
+
+
+class Replica:
+    """One replica's configuration and its live state in this process."""
+
+    __slots__ = ("api_key", "backoff", "base_url", "completions_url", "ejected",
+                 "errors", "fails", "id", "inflight", "last_error", "latency_ms",
+                 "others", "probe_at", "record", "requests", "running", "takes_traffic",
+                 "url", "waiting", "weight")
+
+    def __init__(self, record: ReplicaRecord) -> None:
+        self.inflight = 0
+        self.others = 0  # requests vLLM had beyond ours at the last /metrics read
+        self.running: int | None = None
+        self.waiting: int | None = None
+        self.fails = 0  # consecutive
+        self.ejected = False
+        self.probe_at = 0.0  # monotonic time of the next probe while ejected
+        self.backoff = 0.0
+        self.requests = 0
+        self.errors = 0
+        self.latency_ms: float | None = None  # moving average, time to vLLM's headers
+        self.last_error: str | None = None
+        self.configure(record)
+
+    def configure(self, record: ReplicaRecord) -> None:
+        self.record = record
+        self.id = record.id
+        self.url = record.url
+        self.completions_url = record.url.rstrip("/") + "/completions"
+        self.base_url = record.base_url
+        self.api_key = record.upstream_api_key
+        self.weight = max(record.weight, 1)
+        self.takes_traffic = record.enabled and not record.draining
+
+    @property
+    def state(self) -> str:
+        """``draining`` (an administrator's: draining or disabled), ``ejected`` or
+        ``healthy``."""
+        if not self.takes_traffic:
+            return "draining"
+        return "ejected" if self.ejected else "healthy"
+
+    def available(self) -> bool:
+        return self.takes_traffic and not self.ejected
+
+
+class Fleet:
+    """The replicas of one model."""
+
+    __slots__ = ("members", "model", "single", "source")
+
+    def __init__(self, model: str, source: tuple[ReplicaRecord, ...],
+                 members: list[Replica]) -> None:
+        self.model = model
+        self.source = source  # the registry's tuple this fleet was built from
+        self.members = members
+        self.single = members[0] if len(members) == 1 else None
+
+    def choose(self, tried: Sequence[Replica], rng: random.Random) -> Replica:
+        single = self.single
+        if single is not None:
+            if single.takes_traffic and not single.ejected and not tried:
+                return single
+            raise self._none_left(tried)
+        candidates = [r for r in self.members
+                      if r.takes_traffic and not r.ejected and r not in tried]
+        if len(candidates) < 2:
+            if candidates:
+                return candidates[0]
+            raise self._none_left(tried)
+        if all(r.weight == candidates[0].weight for r in candidates):
+            a, b = rng.sample(candidates, 2)
+        else:
+            a, b = rng.choices(candidates, [r.weight for r in candidates], k=2)
+            if a is b:
+                rest = [r for r in candidates if r is not a]
+                b = rng.choices(rest, [r.weight for r in rest])[0]
+        # a.load / a.weight <= b.load / b.weight, without dividing
+        if (a.inflight + a.others) * b.weight <= (b.inflight + b.others) * a.weight:
+            return a
+        return b
+
+    def has_another(self, tried: Sequence[Replica]) -> bool:
+        return any(r.takes_traffic and not r.ejected and r not in tried
+                   for r in self.members)
+
+    def _none_left(self, tried: Sequence[Replica]) -> GatewayError:
+        if tried:  # pragma: no cover - callers check has_another first
+            return NoReplica(f"No other replica of '{self.model}' can take the request.")
+        states = sorted({r.state for r in self.members}) or ["none configured"]
+        return NoReplica(f"Every replica of the model '{self.model}' is out of rotation "
+                         f"({', '.join(states)}); try again shortly.")
+
+
+class Balancer:
+    def __init__(self, upstreams: Upstreams, *, retries: int = 2,
+                 retry_window: float = 10.0, eject_after: int = 3,
+                 base_backoff: float = 1.0, max_backoff: float = 8.0,
+                 probes: bool = True, seed: int | None = None) -> None:
+        self.upstreams = upstreams
+        self.retries = retries
+        self.retry_window = retry_window
+        self.eject_after = eject_after
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        # without a health checker, an ejected replica's back-off ending re-admits it
+        # (the next request is the probe); with one, only a good health check does
+        self.probes = probes
+        self.rng = random.Random(seed)
+        self.fleets: dict[int, Fleet] = {}
+        self._replicas: dict[int, Replica] = {}  # every replica of every fleet, by id
+
+    # -- the fleets -------------------------------------------------------------------
+
+    def fleet(self, model_id: int, model: str, replicas: tuple[ReplicaRecord, ...]
+              ) -> Fleet:
+        """The fleet of a model as configured now (rebuilt when its replicas changed,
+        each replica keeping its live state)."""
+        found = self.fleets.get(model_id)
+        if found is not None and found.source is replicas:
+            return found
+        members = []
+        for record in replicas:
+            replica = self._replicas.get(record.id)
+            if replica is None:
+                replica = self._replicas[record.id] = Replica(record)
+            elif replica.record is not record:
+                replica.configure(record)
+            members.append(replica)
+        fleet = self.fleets[model_id] = Fleet(model, replicas, members)
+        return fleet
+
+    def forget(self, live_models: set[int]) -> None:
+        """Drop the fleets of models gone, and replicas no fleet has."""
+        for model_id in [m for m in self.fleets if m not in live_models]:
+            del self.fleets[model_id]
+        kept = {r.id for f in self.fleets.values() for r in f.members}
+        for replica_id in [r for r in self._replicas if r not in kept]:
+            del self._replicas[replica_id]
+
+    def replica(self, replica_id: int) -> Replica | None:
+        return self._replicas.get(replica_id)
+
+    # -- what happened ----------------------------------------------------------------
+
+    def succeeded(self, replica: Replica) -> None:
+        replica.fails = 0
+        if replica.ejected:
+            replica.ejected = False
+            replica.backoff = 0.0
+
+    def failed(self, replica: Replica, why: str) -> None:
+        replica.errors += 1
+        replica.fails += 1
+        replica.last_error = why
+        if replica.fails < self.eject_after:
+            return
+        now = time.monotonic()
+        if replica.ejected and now < replica.probe_at:
+            return  # in flight when it was ejected: the back-off already runs
+        replica.backoff = min(max(replica.backoff * 2, self.base_backoff), self.max_backoff)
+        replica.probe_at = now + replica.backoff
+        replica.ejected = True
+
+    def readmit_due(self) -> None:
+        """Without probes: replicas whose back-off is over take traffic again."""
+        now = time.monotonic()
+        for replica in self._replicas.values():
+            if replica.ejected and now >= replica.probe_at:
+                replica.ejected = False
+
+    # -- one request ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def post(self, fleet: Fleet, body: bytes, timeouts: Timeouts | None = None
+                   ) -> AsyncIterator[tuple[Replica, Response]]:
+        """POST ``body`` to a replica of ``fleet`` (trying others where safe) and yield
+        (the replica, its answer, headers read). The replica's counts and health follow
+        from how the block ends. ``timeouts``: the model's (its total counts from here,
+        across tries)."""
+        if not self.probes:
+            self.readmit_due()
+        tried: list[Replica] = []
+        deadline = time.monotonic() + self.retry_window
+        total = timeouts.total if timeouts is not None else None
+        until = asyncio.get_running_loop().time() + total if total else None
+        while True:
+            replica = fleet.choose(tried, self.rng)
+            tried.append(replica)
+            can_retry = (len(tried) <= self.retries and time.monotonic() < deadline
+                         and fleet.has_another(tried))
+            replica.inflight += 1
+            replica.requests += 1
+            started = time.monotonic()
+            yielded = False
+            try:
+                async with self.upstreams.post(replica.completions_url, body,
+                                               replica.api_key, timeouts, until) as resp:
+                    took = (time.monotonic() - started) * 1000
+                    replica.latency_ms = took if replica.latency_ms is None else (
+                        replica.latency_ms * 0.8 + took * 0.2)
+                    if resp.status in _BUSY and can_retry:
+                        replica.last_error = f"answered {resp.status}"
+                        continue  # leaving the block closes this answer unread
+                    yielded = True
+                    try:
+                        yield replica, resp
+                    except (UpstreamFailed, UpstreamTimeout) as exc:
+                        self.failed(replica, exc.message)
+                        raise
+                    if resp.status >= 500 and resp.status not in _BUSY:
+                        self.failed(replica, f"answered {resp.status}")
+                    else:
+                        self.succeeded(replica)
+                    return
+            except UpstreamUnavailable as exc:  # could not connect: never sent
+                if yielded:
+                    raise
+                self.failed(replica, exc.message)
+                if not can_retry:
+                    raise
+            except (UpstreamFailed, UpstreamTimeout) as exc:
+                if not yielded:  # broken or silent before the headers: maybe processed
+                    self.failed(replica, exc.message)
+                raise
+            finally:
+                replica.inflight -= 1
