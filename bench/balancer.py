@@ -1,6 +1,7 @@
 """What choosing a replica costs (issue 9's aim: <= 5 µs among eight): ``Fleet.choose``
-for 1, 2 and 8 replicas, equal and unequal weights, loads spread as under traffic, in
-microseconds per call (median of 5 runs of ``timeit``). Prints a Markdown table.
+for 1, 2 and 8 replicas, equal and unequal weights, loads spread as under traffic, and
+with prefix affinity, in microseconds per call (median of 5 runs of ``timeit``). Prints
+a Markdown table.
 
     .venv/bin/python bench/balancer.py
 """
@@ -14,7 +15,7 @@ import timeit
 from datetime import UTC, datetime
 
 from paragate.store import ReplicaRecord
-from paragate.upstream.balancer import Fleet, Replica
+from paragate.upstream.balancer import Fleet, Replica, affinity_key
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -31,10 +32,10 @@ def fleet(weights: list[int], seed: int) -> Fleet:
     return Fleet("m", records, members)
 
 
-def per_call_us(f: Fleet, number: int) -> float:
+def per_call_us(f: Fleet, number: int, key: int | None = None) -> float:
     rng = random.Random(7)
     tried: list[Replica] = []
-    runs = timeit.repeat(lambda: f.choose(tried, rng), number=number, repeat=5)
+    runs = timeit.repeat(lambda: f.choose(tried, rng, key), number=number, repeat=5)
     return statistics.median(runs) / number * 1e6
 
 
@@ -52,6 +53,13 @@ def main() -> None:
     f.members[0].ejected = True
     f.members[1].takes_traffic = False
     print(f"| 8, one ejected and one draining | equal | {per_call_us(f, args.number):.2f} |")
+    body = {"prompt": "You are a helpful assistant. " * 20 + "Question 17?"}
+    key_us = statistics.median(timeit.repeat(
+        lambda: affinity_key("prefix", body, 256), number=args.number, repeat=5)
+    ) / args.number * 1e6
+    key = affinity_key("prefix", body, 256)
+    print(f"| 8, prefix affinity (the key: {key_us:.2f} µs more) | equal | "
+          f"{per_call_us(fleet([1] * 8, 1), args.number, key):.2f} |")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class FakeVLLM:
         self.health_checks = 0
         self.in_flight = 0
         self.waiting = 0  # reported as vllm:num_requests_waiting
+        self.metrics_delay = 0.0  # seconds /metrics takes to answer
 
     @property
     def base_url(self) -> str:
@@ -83,6 +84,8 @@ class FakeVLLM:
         return web.Response(status=self.health_status)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        if self.metrics_delay:
+            await asyncio.sleep(self.metrics_delay)
         text = ("# HELP vllm:num_requests_running Number of requests in model execution.\n"
                 "# TYPE vllm:num_requests_running gauge\n"
                 f'vllm:num_requests_running{{engine="0",model_name="ok"}} {self.in_flight}.0\n'

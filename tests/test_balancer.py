@@ -23,7 +23,7 @@ from paragate.cli import main
 from paragate.errors import NoReplica
 from paragate.gateway import Gateway
 from paragate.store import ReplicaRecord, Store
-from paragate.upstream.balancer import Fleet, Replica
+from paragate.upstream.balancer import Fleet, Replica, affinity_key
 
 from .conftest import CLI, add_model, build_gateway, make_key
 from .fake_vllm import FakeVLLM
@@ -447,6 +447,86 @@ async def test_a_connect_timeout_is_tried_on_another_replica(
     try:
         r = await complete(api, fl.key)
         assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_connect_timeout"
+    finally:
+        await api.aclose()
+        await gw.stop()
+
+
+# -- affinity ------------------------------------------------------------------------------
+
+
+def test_affinity_keys() -> None:
+    chars = 8
+    assert affinity_key("prefix", {"prompt": "same start, then one"}, chars) == affinity_key(
+        "prefix", {"prompt": "same start, then two"}, chars)
+    assert affinity_key("prefix", {"prompt": "a"}, chars) != affinity_key(
+        "prefix", {"prompt": "b"}, chars)
+    assert affinity_key("prefix", {"prompt": ["batch first", "x"]}, chars) == affinity_key(
+        "prefix", {"prompt": "batch first"}, chars)
+    assert affinity_key("prefix", {"prompt": [1, 2, 3]}, chars) == affinity_key(
+        "prefix", {"prompt": [1, 2, 9]}, chars)  # chars // 4 = 2 token ids
+    assert affinity_key("user", {"prompt": "x", "user": "ann"}, chars) == affinity_key(
+        "user", {"prompt": "y", "user": "ann"}, chars)
+    for body in ({"prompt": "x"}, {"prompt": "x", "user": 3}, {"user": ""}):
+        assert affinity_key("user", body, chars) is None
+
+
+def test_affinity_is_stable_spread_and_gives_way_when_busy() -> None:
+    f = fleet(1, 1, 1, 1)
+    rng = random.Random(4)
+    keys = [affinity_key("user", {"user": f"u{i}"}, 8) for i in range(400)]
+    first = [f.choose([], rng, k).id for k in keys]  # type: ignore[arg-type]
+    assert first == [f.choose([], rng, k).id for k in keys]  # type: ignore[arg-type]
+    assert all(n > 60 for n in Counter(first).values())  # about 100 each
+    # a replica leaves: only its keys move
+    f.members[0].ejected = True
+    moved = [f.choose([], rng, k).id for k in keys]  # type: ignore[arg-type]
+    assert all(a == b for a, b in zip(first, moved, strict=True) if a != 1)
+    f.members[0].ejected = False
+    # the affine replica much busier than the least loaded: the least loaded takes it
+    key = keys[0]
+    mine = f.members[first[0] - 1]
+    mine.inflight = 30
+    assert f.choose([], rng, key).id != mine.id  # type: ignore[arg-type]
+    mine.inflight = 5  # busier, but not much: it keeps the request
+    assert f.choose([], rng, key).id == mine.id  # type: ignore[arg-type]
+
+
+async def test_prefix_affinity_through_the_gateway(
+        sqlite_store: Store, tmp_path: Path, fakes: list[FakeVLLM]) -> None:
+    fl = Fleet2(sqlite_store, [fakes[0].base_url, fakes[1].base_url])
+    control.models.update(sqlite_store, CLI, "m", affinity="prefix")
+    gw, api = await running(sqlite_store, tmp_path, health_interval=0,
+                            affinity_prefix_chars=16)
+    try:
+        for i in range(40):
+            r = await complete(api, fl.key, prompt=f"system prompt {i % 4}: question {i}")
+            assert r.status_code == 200
+        seen: dict[str, set[int]] = {}
+        for n, server in enumerate(fakes):
+            for body in server.requests:
+                seen.setdefault(body["prompt"][:16], set()).add(n)
+        assert len(seen) == 4 and all(len(v) == 1 for v in seen.values()), seen
+        r = await api.get("/api/v2/models/m?all=true",
+                          headers={"authorization": f"Bearer {fl.admin}"})
+        assert r.json()["affinity"] == "prefix"
+    finally:
+        await api.aclose()
+        await gw.stop()
+
+
+async def test_a_slow_metrics_page_is_not_a_failed_health_check(
+        sqlite_store: Store, tmp_path: Path, fakes: list[FakeVLLM]) -> None:
+    fl = Fleet2(sqlite_store, [fakes[0].base_url, fakes[1].base_url])
+    gw, api = await running(sqlite_store, tmp_path, health_interval=0.05,
+                            health_timeout=0.2)
+    fakes[0].metrics_delay = 1.0  # vLLM's API server can take seconds to render /metrics
+    try:
+        await asyncio.sleep(1.5)
+        replica = gw.balancer.replica(fl.ids[0])
+        assert replica is not None and not replica.ejected and replica.fails == 0
+        other = gw.balancer.replica(fl.ids[1])
+        assert other is not None and other.running == 0 and other.waiting == 0
     finally:
         await api.aclose()
         await gw.stop()

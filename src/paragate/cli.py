@@ -399,6 +399,11 @@ def _model_options(f: F) -> F:
                      "a stream [default: PARAGATE_UPSTREAM_READ_TIMEOUT]."),
         click.option("--total-timeout", type=_SECONDS, help="Seconds for a whole request, "
                      "every try included [default: none]."),
+        click.option("--affinity", type=click.Choice(control.models.AFFINITIES),
+                     help="How a request picks its replica: none (the least loaded), prefix "
+                     "(prompts that start alike go to the same one, for vLLM's prefix "
+                     "cache), user (the same `user` field, the same one) [default on add: "
+                     "none]."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -120,6 +120,12 @@ SETTINGS: tuple[Setting, ...] = (
         "doubles from 1 s).",
     ),
     Setting(
+        "affinity_prefix_chars",
+        256,
+        "For models with `affinity: prefix`: how many of a prompt's first characters "
+        "(a quarter as many token ids) pick its replica.",
+    ),
+    Setting(
         "refresh_interval",
         0.25,
         "Seconds between checks of the store's config version. On PostgreSQL a change "
@@ -232,6 +238,7 @@ class Settings:
     health_timeout: float = 2.0
     replica_eject_after: int = 3
     replica_max_backoff: float = 8.0
+    affinity_prefix_chars: int = 256
     refresh_interval: float = 0.25
     max_view_age: float = 0.0
     usage_flush_interval: float = 0.1
@@ -309,6 +316,8 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("workers: must be at least 1")
     if settings.replica_eject_after < 1:
         raise ConfigError("replica_eject_after: must be at least 1")
+    if settings.affinity_prefix_chars < 1:
+        raise ConfigError("affinity_prefix_chars: must be at least 1")
     for name in ("upstream_connect_timeout", "upstream_read_timeout", "refresh_interval",
                  "health_timeout", "replica_max_backoff",
                  "usage_flush_interval", "journal_fsync_interval"):

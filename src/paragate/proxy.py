@@ -87,6 +87,7 @@ class Target:
     requested_model: str
     upstream_model: str
     timeouts: Timeouts | None = None  # the model's; None: the pool's defaults
+    affinity: int | None = None  # the request's affinity key (``balancer.affinity_key``)
 
     def model_rewriter(self) -> tuple[bytes, bytes] | None:
         """(old, new) bytes of the ``model`` member, or None when the names agree.
@@ -152,7 +153,8 @@ def _take_usage(ex: Exchange, usage: _Usage | None) -> None:
 async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchange) -> None:
     waiting = time.monotonic()
     try:
-        async with balancer.post(target.fleet, target.body, target.timeouts) as (
+        async with balancer.post(target.fleet, target.body, target.timeouts,
+                             target.affinity) as (
                 replica, resp):
             url = ex.upstream = replica.url
             data = await resp.read()
@@ -313,7 +315,8 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
     error response); after it they become an SSE error event, then ``[DONE]``. The
     record is journaled before the event that ends the stream is sent."""
     waiting = time.monotonic()
-    async with balancer.post(target.fleet, target.body, target.timeouts) as (
+    async with balancer.post(target.fleet, target.body, target.timeouts,
+                             target.affinity) as (
             replica, resp):
         ex.waited += time.monotonic() - waiting
         ex.upstream = replica.url

@@ -46,6 +46,7 @@ class Route:
     replicas: tuple[ReplicaRecord, ...] = ()
     timeouts: Timeouts | None = None  # its own where set, else the gateway's
     timeouts_set: tuple[float | None, ...] = (None, None, None, None)  # as configured
+    affinity: str = "none"  # none | prefix | user
 
     @property
     def completions_url(self) -> str:
@@ -178,6 +179,7 @@ class Registry:
             timeouts=self._timeouts(m),
             timeouts_set=(m.connect_timeout, m.first_byte_timeout, m.idle_timeout,
                           m.total_timeout),
+            affinity=m.affinity,
         )
 
     def _timeouts(self, m: ModelRecord) -> Timeouts:

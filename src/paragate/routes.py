@@ -18,6 +18,7 @@ from .protocol import parse_request
 from .proxy import Target, relay_json, relay_stream
 from .routing import Endpoint, Request, Table, query
 from .schemas import ModelList
+from .upstream.balancer import affinity_key
 from .usage import Exchange, client_request_id
 
 __all__ = ["ROUTES", "completions", "get_model", "health", "list_models", "openapi", "ready"]
@@ -89,6 +90,8 @@ async def completions(gw: Gateway, r: Request) -> None:
             requested_model=req.model,
             upstream_model=route.upstream_model,
             timeouts=route.timeouts,
+            affinity=None if route.affinity == "none" else affinity_key(
+                route.affinity, req.body, gw.settings.affinity_prefix_chars),
         )
         watcher = asyncio.create_task(hangup.watch(r.receive, task))
         if req.stream:

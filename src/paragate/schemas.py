@@ -111,6 +111,7 @@ class ModelCreate(_Body):
     companies: list[int] | None = None  # default: every company
     limits: ModelLimits | None = None
     timeouts: ModelTimeouts | None = None
+    affinity: Literal["none", "prefix", "user"] = "none"
 
 
 class ModelUpdate(_Body):
@@ -124,6 +125,7 @@ class ModelUpdate(_Body):
     companies: list[int] | UnsetType | None = UNSET
     limits: ModelLimits | UnsetType = UNSET
     timeouts: ModelTimeouts | UnsetType = UNSET
+    affinity: Literal["none", "prefix", "user"] | UnsetType = UNSET
 
 
 class ReplicaCreate(_Body):
@@ -221,6 +223,7 @@ class Model(msgspec.Struct, tag="model", tag_field="object"):
     companies: list[int] | UnsetType | None = UNSET
     limits: Limits | UnsetType = UNSET
     timeouts: Timeouts | UnsetType = UNSET
+    affinity: str | UnsetType = UNSET
 
 
 class Actor(msgspec.Struct):

@@ -76,6 +76,7 @@ def model(route: Route, config: bool) -> s.Model:
                               default_max_tokens=route.default_max_tokens,
                               max_tokens_limit=route.max_tokens_limit)
         out.timeouts = s.Timeouts(*route.timeouts_set)
+        out.affinity = route.affinity
     return out
 
 

@@ -27,12 +27,13 @@ from .common import (
 __all__ = ["FIELDS", "TYPES", "create", "delete", "get", "list_", "update"]
 
 TYPES = ("llm", "embedding")
+AFFINITIES = ("none", "prefix", "user")
 TIMEOUTS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout")
 MAX_TIMEOUT = 86400.0
 # What `create` and `update` take, beside `name`.
 FIELDS = ("display_name", "type", "upstream_url", "upstream_model", "upstream_api_key",
           "enabled", "company_ids", "max_logprobs", "default_max_tokens", "max_tokens_limit",
-          *TIMEOUTS)
+          *TIMEOUTS, "affinity")
 _SECRET = "upstream_api_key"
 MASK = "<secret>"
 
@@ -59,6 +60,8 @@ def _check(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
         check_text(values["display_name"], "display_name", 200, min_len=0)
     if "type" in values:
         check_choice(values["type"], "type", TYPES)
+    if "affinity" in values:
+        check_choice(values["affinity"], "affinity", AFFINITIES)
     if "upstream_url" in values:
         check_url(values["upstream_url"])
     if "upstream_model" in values:
@@ -122,7 +125,8 @@ def update(store: Store, actor: Actor, name: str, /, **changes: Any) -> ModelRec
     require_admin(actor)
     with store.change(actor.audit_columns()) as ch:
         before = live_model(ch.conn, name)
-        for required in ("name", "upstream_url", "upstream_model", "type", "enabled"):
+        for required in ("name", "upstream_url", "upstream_model", "type", "enabled",
+                         "affinity"):
             if required in changes and changes[required] is None:
                 raise InvalidRequest(f"'{required}' cannot be unset.", param=required)
         changes = _check(ch.conn, changes)

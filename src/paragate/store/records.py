@@ -84,6 +84,7 @@ class ModelRecord:
     first_byte_timeout: float | None = None
     idle_timeout: float | None = None
     total_timeout: float | None = None  # None: none
+    affinity: str = "none"  # none | prefix | user
     id: int = 0
     version: int = 0
     created_at: datetime | None = None

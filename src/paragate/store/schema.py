@@ -165,6 +165,9 @@ models = Table(
     Column("first_byte_timeout", Float, nullable=True),
     Column("idle_timeout", Float, nullable=True),
     Column("total_timeout", Float, nullable=True),
+    # which replica a request goes to: none (the least loaded), prefix (requests whose
+    # prompts start alike go to the same one), user (the same `user` field, same one)
+    Column("affinity", String(16), nullable=False, server_default="none"),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),

@@ -12,6 +12,14 @@ read of vLLM's ``/metrics`` (``vllm:num_requests_running`` + ``..._waiting``, le
 process's own share then), divided by its weight. A model with one replica skips all
 of it.
 
+**Affinity** (a model's ``affinity``: ``prefix`` or ``user``): requests with the same key
+(the prompt's first characters, or the ``user`` field) go to the same replica, so that
+vLLM's prefix cache is reused: the replica ranked first for the key by weighted
+rendezvous hashing among those in rotation (stable across gateway processes, and only
+the keys of a replica that leaves move). When that replica is much busier than the least
+loaded (more than twice its load plus ``_SLACK`` requests), the least loaded gets the
+request instead. A request without a key is balanced as usual.
+
 **Another try**, only when the request cannot have been processed: the connection could
 not be opened, or vLLM answered 503 (its queue is full) or 429, before anything reached
 the client. It goes to a replica not tried yet, at most ``retries`` times and not after
@@ -27,6 +35,8 @@ rotation; the health checker probes it again after a back-off that doubles from
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -42,9 +52,36 @@ from ..errors import (
 from ..store import ReplicaRecord
 from .pool import Response, Timeouts, Upstreams
 
-__all__ = ["Balancer", "Fleet", "Replica"]
+__all__ = ["Balancer", "Fleet", "Replica", "affinity_key"]
 
 _BUSY = (429, 503)  # vLLM's "queue full" and a rate limit in front of it: try elsewhere
+_SLACK = 8  # requests: how much busier than the least loaded an affine replica may be
+_MASK = (1 << 64) - 1
+
+
+def affinity_key(mode: str, body: dict[str, object], prefix_chars: int) -> int | None:
+    """The request's affinity key under a model's ``mode`` (``prefix``: the prompt's first
+    ``prefix_chars`` characters, or its first ``prefix_chars // 4`` token ids; ``user``:
+    the ``user`` field), as a 64-bit hash the same in every process; None: no key."""
+    value: object = body.get("user") if mode == "user" else body.get("prompt")
+    if mode == "prefix":
+        if isinstance(value, list) and value:
+            value = value[0] if not isinstance(value[0], int) else value
+        if isinstance(value, list):
+            value = value[0] if value and isinstance(value[0], list) else value
+            value = ",".join(map(str, value[:max(prefix_chars // 4, 1)]))
+        if isinstance(value, str):
+            value = value[:prefix_chars]
+    if not isinstance(value, str) or not value:
+        return None
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "big")
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a key and a replica id to a well-spread 64-bit value."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+    return x ^ (x >> 31)
 
 
 class Replica:
@@ -52,8 +89,8 @@ class Replica:
 
     __slots__ = ("api_key", "backoff", "base_url", "completions_url", "ejected",
                  "errors", "fails", "id", "inflight", "last_error", "latency_ms",
-                 "others", "probe_at", "record", "requests", "running", "takes_traffic",
-                 "url", "waiting", "weight")
+                 "others", "probe_at", "record", "requests", "running", "salt",
+                 "takes_traffic", "url", "waiting", "weight")
 
     def __init__(self, record: ReplicaRecord) -> None:
         self.inflight = 0
@@ -73,6 +110,7 @@ class Replica:
     def configure(self, record: ReplicaRecord) -> None:
         self.record = record
         self.id = record.id
+        self.salt = record.id * 0x9E3779B97F4A7C15 & _MASK  # mixed with affinity keys
         self.url = record.url
         self.completions_url = record.url.rstrip("/") + "/completions"
         self.base_url = record.base_url
@@ -104,7 +142,8 @@ class Fleet:
         self.members = members
         self.single = members[0] if len(members) == 1 else None
 
-    def choose(self, tried: Sequence[Replica], rng: random.Random) -> Replica:
+    def choose(self, tried: Sequence[Replica], rng: random.Random,
+               key: int | None = None) -> Replica:
         single = self.single
         if single is not None:
             if single.takes_traffic and not single.ejected and not tried:
@@ -116,6 +155,8 @@ class Fleet:
             if candidates:
                 return candidates[0]
             raise self._none_left(tried)
+        if key is not None:
+            return self._affine(candidates, key)
         if all(r.weight == candidates[0].weight for r in candidates):
             a, b = rng.sample(candidates, 2)
         else:
@@ -127,6 +168,27 @@ class Fleet:
         if (a.inflight + a.others) * b.weight <= (b.inflight + b.others) * a.weight:
             return a
         return b
+
+    @staticmethod
+    def _affine(candidates: list[Replica], key: int) -> Replica:
+        """The candidate ranked first for ``key`` (weighted rendezvous hashing), unless
+        it is much busier than the least loaded."""
+        weight = candidates[0].weight
+        if all(r.weight == weight for r in candidates):  # the common case: no logarithms
+            best = max(candidates, key=lambda r: _mix(key ^ r.salt))
+        else:
+            best, top = candidates[0], -1.0
+            for r in candidates:
+                u = ((_mix(key ^ r.salt) >> 11) + 0.5) / (1 << 53)
+                score = -r.weight / math.log(u)
+                if score > top:
+                    best, top = r, score
+        load = best.inflight + best.others
+        if load > _SLACK:  # only then can it be much busier than the least loaded
+            least = min(candidates, key=lambda r: (r.inflight + r.others) / r.weight)
+            if load > 2 * (least.inflight + least.others) + _SLACK:
+                return least
+        return best
 
     def has_another(self, tried: Sequence[Replica]) -> bool:
         return any(r.takes_traffic and not r.ejected and r not in tried
@@ -220,12 +282,12 @@ class Balancer:
     # -- one request ------------------------------------------------------------------
 
     @asynccontextmanager
-    async def post(self, fleet: Fleet, body: bytes, timeouts: Timeouts | None = None
-                   ) -> AsyncIterator[tuple[Replica, Response]]:
+    async def post(self, fleet: Fleet, body: bytes, timeouts: Timeouts | None = None,
+                   key: int | None = None) -> AsyncIterator[tuple[Replica, Response]]:
         """POST ``body`` to a replica of ``fleet`` (trying others where safe) and yield
         (the replica, its answer, headers read). The replica's counts and health follow
         from how the block ends. ``timeouts``: the model's (its total counts from here,
-        across tries)."""
+        across tries); ``key``: the request's affinity key, if its model has one."""
         if not self.probes:
             self.readmit_due()
         tried: list[Replica] = []
@@ -233,7 +295,7 @@ class Balancer:
         total = timeouts.total if timeouts is not None else None
         until = asyncio.get_running_loop().time() + total if total else None
         while True:
-            replica = fleet.choose(tried, self.rng)
+            replica = fleet.choose(tried, self.rng, key)
             tried.append(replica)
             can_retry = (len(tried) <= self.retries and time.monotonic() < deadline
                          and fleet.has_another(tried))

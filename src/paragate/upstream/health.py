@@ -99,15 +99,6 @@ class HealthChecker:
             status, _ = await upstreams.get(replica.base_url + "/health", self.timeout)
             if status != 200:
                 raise _Bad(f"/health answered {status}")
-            if queue:
-                mine = replica.inflight
-                status, text = await upstreams.get(replica.base_url + "/metrics",
-                                                   self.timeout)
-                if status == 200:
-                    running, waiting = queue_of(text)
-                    replica.running, replica.waiting = running, waiting
-                    if running is not None or waiting is not None:
-                        replica.others = max((running or 0) + (waiting or 0) - mine, 0)
         except (GatewayError, _Bad) as exc:
             was = replica.ejected
             self._balancer.failed(replica, f"health check: {exc}")
@@ -118,6 +109,25 @@ class HealthChecker:
         if replica.ejected:
             log.info("replica %d (%s) answers again: re-admitted", replica.id, replica.url)
         self._balancer.succeeded(replica)
+        if queue:
+            await self.read_queue(replica)
+
+    async def read_queue(self, replica: Replica) -> None:
+        """The replica's queue from its /metrics. vLLM's API server can be slow to answer
+        it (seconds, at times, on a busy CPU) while /health is fine: a failure here keeps
+        the last figures and says nothing about health."""
+        mine = replica.inflight
+        try:
+            status, text = await self._balancer.upstreams.get(
+                replica.base_url + "/metrics", self.timeout)
+        except GatewayError:
+            return
+        if status != 200:
+            return
+        running, waiting = queue_of(text)
+        replica.running, replica.waiting = running, waiting
+        if running is not None or waiting is not None:
+            replica.others = max((running or 0) + (waiting or 0) - mine, 0)
 
 
 class _Bad(Exception):

@@ -1,8 +1,9 @@
-"""Replicas: the vLLM servers behind each model; and each model's own timeouts.
+"""Replicas: the vLLM servers behind each model; each model's own timeouts and affinity.
 
 Every live model gets one replica made of its own upstream URL and upstream API key, so
 that a model configured before replicas existed goes on working unchanged. Models gain
-four optional timeouts (connect, first byte, idle between chunks, total), unset.
+four optional timeouts (connect, first byte, idle between chunks, total), unset, and an
+affinity (how a request picks its replica), `none`.
 
 Revision ID: 0005
 Revises: 0004
@@ -28,6 +29,8 @@ _TIMEOUTS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "total_tim
 def upgrade() -> None:
     for name in _TIMEOUTS:
         op.add_column("models", sa.Column(name, sa.Float, nullable=True))
+    op.add_column("models", sa.Column("affinity", sa.String(16), nullable=False,
+                                      server_default="none"))
     replicas = op.create_table(
         "model_replicas",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -64,5 +67,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("model_replicas")
     with op.batch_alter_table("models") as batch:
-        for name in _TIMEOUTS:
+        for name in (*_TIMEOUTS, "affinity"):
             batch.drop_column(name)
