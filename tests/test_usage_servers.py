@@ -135,6 +135,41 @@ async def test_shutdown_sequence(tmp_path: Path, sqlite_store: Store,
     assert len(records) == 2
 
 
+async def test_sigterm_under_load_fails_nothing_and_exits_once_idle(
+        tmp_path: Path, sqlite_store: Store, fake: FakeVLLM) -> None:
+    """Streams in flight at SIGTERM all finish; once the delay is over new connections
+    are refused; the process leaves as soon as the last one is done, not at the
+    shutdown timeout (20 s here)."""
+    keys = seed(sqlite_store, fake)
+    gw = await asyncio.to_thread(start_gateway, tmp_path, str(sqlite_store.url),
+                                 PARAGATE_SHUTDOWN_DELAY="0.5",
+                                 PARAGATE_SHUTDOWN_TIMEOUT="20")
+    headers = {"Authorization": f"Bearer {keys.full}"}
+    body = {"model": "slow", "prompt": "x", "max_tokens": 30, "stream": True}  # 1.5 s
+
+    async def one(client: httpx.AsyncClient) -> str:
+        r = await client.post(gw.url + "/api/v2/completions", json=body, headers=headers)
+        assert r.status_code == 200
+        return r.text
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        streams = [asyncio.create_task(one(client)) for _ in range(6)]
+        await asyncio.sleep(0.3)
+        signalled = time.monotonic()
+        gw.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)  # past the delay: the listener is closed
+        async with httpx.AsyncClient(timeout=5) as fresh:
+            with pytest.raises(httpx.ConnectError):
+                await fresh.get(gw.url + "/health")
+        texts = await asyncio.gather(*streams)
+    for text in texts:
+        events = [e for e in text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]" and '"error"' not in text
+    assert await asyncio.to_thread(gw.process.wait, 15) in (0, -signal.SIGTERM)
+    assert time.monotonic() - signalled < 6  # the streams' 1.5 s, not the 20 s timeout
+    assert len([r for r in sqlite_store.list_usage() if r.outcome == "ok"]) == 6
+
+
 @pytest.mark.postgres
 async def test_kill_9_under_load_loses_no_record(tmp_path: Path, postgres_url: str,
                                                  fake: FakeVLLM) -> None:
