@@ -23,7 +23,8 @@ NOW = datetime(2026, 12, 1, tzinfo=UTC)
 def fleet(weights: list[int], seed: int) -> Fleet:
     records = tuple(ReplicaRecord(
         id=i + 1, model_id=1, url=f"http://gpu-{i}:8000/v1", weight=w,
-        upstream_api_key=None, enabled=True, draining=False, health_url=None, version=1,
+        upstream_api_key=None, enabled=True, draining=False, health_url=None,
+        discover=False, version=1,
         created_at=NOW, updated_at=NOW, deleted_at=None) for i, w in enumerate(weights))
     members = [Replica(r) for r in records]
     rng = random.Random(seed)

@@ -62,7 +62,7 @@ class Simulation:
         self.done: list[Request] = []
         records = tuple(ReplicaRecord(
             id=i + 1, model_id=1, url=f"http://gpu-{i}:8000/v1", weight=1,
-            upstream_api_key=None, enabled=True, draining=False, health_url=None,
+            upstream_api_key=None, enabled=True, draining=False, health_url=None, discover=False,
             version=1, created_at=NOW, updated_at=NOW, deleted_at=None)
             for i in range(len(speeds)))
         # two gateway processes, each with its own view of the same replicas

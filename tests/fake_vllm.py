@@ -43,13 +43,14 @@ def _dumps(obj: Any) -> bytes:
 
 
 class FakeVLLM:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
         self.requests: list[dict[str, Any]] = []
         self.closed_early = 0
         self.connections = 0
         self.gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port
         self.health_status = 200  # what GET /health answers
         self.health_checks = 0
         self.in_flight = 0
@@ -58,7 +59,7 @@ class FakeVLLM:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     async def start(self) -> FakeVLLM:
         app = web.Application()
@@ -68,7 +69,7 @@ class FakeVLLM:
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         server = site._server
         assert server is not None

@@ -34,8 +34,8 @@ NOW = datetime(2026, 12, 1, tzinfo=UTC)
 def record(i: int, weight: int = 1) -> ReplicaRecord:
     return ReplicaRecord(id=i, model_id=1, url=f"http://r{i}:8000/v1", weight=weight,
                          upstream_api_key=None, enabled=True, draining=False,
-                         health_url=None, version=1, created_at=NOW, updated_at=NOW,
-                         deleted_at=None)
+                         health_url=None, discover=False, version=1, created_at=NOW,
+                         updated_at=NOW, deleted_at=None)
 
 
 def fleet(*weights: int) -> Fleet:
@@ -176,6 +176,9 @@ async def test_a_request_that_reached_vllm_is_not_retried(
     finally:
         await api.aclose()
         await gw.stop()
+    # the record names the replica that failed, though no answer ever came from it
+    (record,) = sqlite_store.list_usage()
+    assert record.upstream in (fakes[0].base_url, fakes[1].base_url)
 
 
 async def test_every_replica_down_is_an_immediate_503(
@@ -530,3 +533,60 @@ async def test_a_slow_metrics_page_is_not_a_failed_health_check(
     finally:
         await api.aclose()
         await gw.stop()
+
+
+# -- replicas found through DNS ------------------------------------------------------------
+
+
+async def test_a_discovered_replica_follows_its_name(sqlite_store: Store,
+                                                     tmp_path: Path) -> None:
+    """A headless Service's name: each address it resolves to is a replica, and the
+    fleet follows the answer as it changes (the resolver is the test's)."""
+    a = await FakeVLLM().start()
+    b = await FakeVLLM(host="127.0.0.2", port=a.port).start()  # the same port, elsewhere
+    answers = {"vllm.fleet.svc": ("127.0.0.1",)}
+
+    async def resolver(host: str, port: int) -> tuple[str, ...]:
+        return answers[host]
+
+    url = f"http://vllm.fleet.svc:{a.port}/v1"
+    fl = Fleet2(sqlite_store, [url])
+    with pytest.raises(Exception, match="http://"):
+        control.replicas.update(sqlite_store, CLI, "m", fl.ids[0], discover=True,
+                                url=f"https://vllm.fleet.svc:{a.port}/v1")
+    control.replicas.update(sqlite_store, CLI, "m", fl.ids[0], discover=True)
+    gw = build_gateway(sqlite_store, tmp_path, health_interval=0.05, dns_interval=0.05)
+    gw.health.resolver = resolver
+    await gw.start()
+    api = httpx.AsyncClient(transport=httpx.ASGITransport(app=App(gw)), base_url="http://gw")
+    admin = {"authorization": f"Bearer {fl.admin}"}
+    try:
+        for _ in range(6):
+            assert (await complete(api, fl.key)).status_code == 200
+        assert (len(a.requests), len(b.requests)) == (6, 0)
+        answers["vllm.fleet.svc"] = ("127.0.0.1", "127.0.0.2")  # scaled up
+        await asyncio.sleep(0.3)
+        for _ in range(30):
+            assert (await complete(api, fl.key)).status_code == 200
+        assert len(b.requests) > 3 and len(a.requests) > 9
+        r = await api.get("/api/v2/models/m/replicas", headers=admin)
+        (one,) = r.json()["data"]
+        assert one["discover"] and one["state"] == "healthy"
+        assert sorted(x["url"] for x in one["addresses"]) == [
+            f"http://127.0.0.1:{a.port}/v1", f"http://127.0.0.2:{a.port}/v1"]
+        assert one["requests"] == 36
+        answers["vllm.fleet.svc"] = ("127.0.0.2",)  # scaled down: the first one left
+        await asyncio.sleep(0.3)
+        before = len(a.requests)
+        for _ in range(6):
+            assert (await complete(api, fl.key)).status_code == 200
+        assert len(a.requests) == before
+        answers["vllm.fleet.svc"] = ()  # nothing behind the name
+        await asyncio.sleep(0.3)
+        r = await complete(api, fl.key)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_replica"
+    finally:
+        await api.aclose()
+        await gw.stop()
+        await a.stop()
+        await b.stop()

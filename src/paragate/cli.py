@@ -525,12 +525,14 @@ def replicas() -> None:
 @click.option("--health-url", help="Where its /health and /metrics are "
               "[default: the URL without a trailing /v1].")
 @click.option("--draining", is_flag=True, help="Add it out of rotation.")
+@click.option("--discover", is_flag=True, help="The URL's host is a DNS name whose "
+              "addresses are the replicas (a Kubernetes headless Service); http:// only.")
 def replicas_add(name: str, upstream: str, weight: int, upstream_api_key: str | None,
-                 health_url: str | None, draining: bool) -> None:
+                 health_url: str | None, draining: bool, discover: bool) -> None:
     """Add a replica to the model NAME."""
     record = control.replicas.create(
         _store(), CLI, name, url=upstream, weight=weight, upstream_api_key=upstream_api_key,
-        health_url=health_url, draining=draining)
+        health_url=health_url, draining=draining, discover=discover)
     click.echo(f"added replica {record.id} of {name} -> {record.url} (weight {record.weight})")
 
 
@@ -542,9 +544,9 @@ def replicas_list(name: str) -> None:
     _, found = control.replicas.list_(_store(), CLI, name)
     rows = [[str(r.id), r.url, str(r.weight), "yes" if r.enabled else "no",
              "yes" if r.draining else "no", "yes" if r.upstream_api_key else "no",
-             r.health_url or "-"] for r in found]
+             r.health_url or "-", "yes" if r.discover else "no"] for r in found]
     _table(rows, ["ID", "UPSTREAM", "WEIGHT", "ENABLED", "DRAINING", "UPSTREAM KEY",
-                  "HEALTH URL"])
+                  "HEALTH URL", "DISCOVER"])
 
 
 @replicas.command("update")
@@ -557,14 +559,16 @@ def replicas_list(name: str) -> None:
 @click.option("--drain/--undrain", default=None,
               help="Take it out of rotation (requests in flight finish), or back in.")
 @click.option("--enable/--disable", default=None, help="Enable or disable it.")
+@click.option("--discover/--no-discover", default=None,
+              help="Whether its host names a fleet by DNS.")
 def replicas_update(name: str, replica_id: int, upstream: str | None, weight: int | None,
                     upstream_api_key: str | None, health_url: str | None,
-                    drain: bool | None, enable: bool | None) -> None:
+                    drain: bool | None, enable: bool | None, discover: bool | None) -> None:
     """Change a replica of the model NAME; only the options given change."""
     changes = {k: v for k, v in {
         "url": upstream, "weight": weight, "upstream_api_key": upstream_api_key,
-        "health_url": health_url, "draining": drain, "enabled": enable}.items()
-        if v is not None}
+        "health_url": health_url, "draining": drain, "enabled": enable,
+        "discover": discover}.items() if v is not None}
     if not changes:
         _fail("nothing to change: give at least one option")
     record = control.replicas.update(_store(), CLI, name, replica_id, **changes)

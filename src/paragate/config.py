@@ -120,6 +120,12 @@ SETTINGS: tuple[Setting, ...] = (
         "doubles from 1 s).",
     ),
     Setting(
+        "dns_interval",
+        5.0,
+        "Seconds between lookups of the names of replicas with `discover` on (each "
+        "address a name resolves to is a replica: a Kubernetes headless Service).",
+    ),
+    Setting(
         "affinity_prefix_chars",
         256,
         "For models with `affinity: prefix`: how many of a prompt's first characters "
@@ -238,6 +244,7 @@ class Settings:
     health_timeout: float = 2.0
     replica_eject_after: int = 3
     replica_max_backoff: float = 8.0
+    dns_interval: float = 5.0
     affinity_prefix_chars: int = 256
     refresh_interval: float = 0.25
     max_view_age: float = 0.0
@@ -319,7 +326,7 @@ def _check(settings: Settings) -> Settings:
     if settings.affinity_prefix_chars < 1:
         raise ConfigError("affinity_prefix_chars: must be at least 1")
     for name in ("upstream_connect_timeout", "upstream_read_timeout", "refresh_interval",
-                 "health_timeout", "replica_max_backoff",
+                 "health_timeout", "replica_max_backoff", "dns_interval",
                  "usage_flush_interval", "journal_fsync_interval"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name}: must be greater than 0")

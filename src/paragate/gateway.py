@@ -114,22 +114,22 @@ class Gateway:
             shutdown=Shutdown(settings.shutdown_delay, settings.shutdown_timeout),
             balancer=balancer,
             health=HealthChecker(balancer, fleets, interval=settings.health_interval,
-                                 timeout=settings.health_timeout),
+                                 timeout=settings.health_timeout,
+                                 dns_interval=settings.dns_interval),
         )
 
     async def start(self) -> None:
         await self.refresh_thread.run(self.store.migrate)
         await self.refresher.load()
         self.health.sync()  # every replica has its state before the first request
+        await self.health.resolve_all()  # and every discovered one its addresses
         self.journal.open()
         self._tasks = [
             asyncio.create_task(self.refresher.run(), name="paragate-refresh"),
             asyncio.create_task(self.writer.run(), name="paragate-usage"),
             asyncio.create_task(self.touches.run(), name="paragate-last-used"),
         ]
-        if self.settings.health_interval > 0:
-            self._tasks.append(asyncio.create_task(self.health.run(),
-                                                   name="paragate-health"))
+        self._tasks.append(asyncio.create_task(self.health.run(), name="paragate-health"))
         # The background writers (usage, refresh) run Python in threads. The OS hands
         # the core back to the loop at once (see background.py), but the GIL only after
         # the switch interval: the loop waits that long before it may ask for it. With

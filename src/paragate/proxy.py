@@ -154,9 +154,9 @@ async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchang
     waiting = time.monotonic()
     try:
         async with balancer.post(target.fleet, target.body, target.timeouts,
-                             target.affinity) as (
+                             target.affinity, ex.tried) as (
                 replica, resp):
-            url = ex.upstream = replica.url
+            url = replica.url
             data = await resp.read()
             status = resp.status
     finally:
@@ -316,10 +316,9 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
     record is journaled before the event that ends the stream is sent."""
     waiting = time.monotonic()
     async with balancer.post(target.fleet, target.body, target.timeouts,
-                             target.affinity) as (
+                             target.affinity, ex.tried) as (
             replica, resp):
         ex.waited += time.monotonic() - waiting
-        ex.upstream = replica.url
         events = _Events(target, replica.url, want_usage, want_running, n, ex)
         ex.settle = events.settle
         if resp.status != 200:

@@ -135,6 +135,7 @@ class ReplicaCreate(_Body):
     enabled: bool = True
     draining: bool = False
     health_url: str | None = None  # default: the url without a trailing /v1
+    discover: bool = False  # the URL's host names the replicas (a headless Service)
 
 
 class ReplicaUpdate(_Body):
@@ -144,6 +145,7 @@ class ReplicaUpdate(_Body):
     enabled: bool | UnsetType = UNSET
     draining: bool | UnsetType = UNSET
     health_url: str | UnsetType | None = UNSET
+    discover: bool | UnsetType = UNSET
 
 
 def given(body: msgspec.Struct) -> dict[str, Any]:
@@ -301,6 +303,20 @@ class Queue(msgspec.Struct):
     waiting: int | None
 
 
+class ReplicaAddress(msgspec.Struct):
+    """One address a discovered replica's name resolved to: a replica of its own."""
+
+    url: str
+    state: Literal["healthy", "ejected", "draining"]
+    in_flight: int
+    queue: Queue
+    latency_ms: float | None
+    requests: int
+    errors: int
+    consecutive_failures: int
+    last_error: str | None
+
+
 class Replica(msgspec.Struct, tag="model.replica", tag_field="object"):
     """A replica's configuration and, as this gateway process sees it, its state."""
 
@@ -312,6 +328,10 @@ class Replica(msgspec.Struct, tag="model.replica", tag_field="object"):
     draining: bool
     has_upstream_api_key: bool
     health_url: str | None
+    discover: bool
+    # discover: what its name resolved to at the last look (null before), each address
+    # with its own state; the fields below then sum them (state: healthy if one is)
+    addresses: list[ReplicaAddress] | None
     state: Literal["healthy", "ejected", "draining"]
     in_flight: int  # requests this process has on it now
     queue: Queue

@@ -80,21 +80,46 @@ def model(route: Route, config: bool) -> s.Model:
     return out
 
 
-def replica(model: str, r: ReplicaRecord, live: Replica | None) -> s.Replica:
+def _queue(live: Replica | None) -> s.Queue:
+    return s.Queue(running=live.running if live else None,
+                   waiting=live.waiting if live else None)
+
+
+def _latency(live: Replica | None) -> float | None:
+    return round(live.latency_ms, 3) if live and live.latency_ms is not None else None
+
+
+def replica(model: str, r: ReplicaRecord, live: Replica | None,
+            members: list[Replica] | None = None) -> s.Replica:
     """A replica's configuration, and this process's view of it (``live``: None when
-    no request or check has seen it yet, e.g. a model that is disabled)."""
+    no request or check has seen it yet, e.g. a model that is disabled; ``members``: a
+    discovered replica's addresses, None until its name was first resolved)."""
     takes = r.enabled and not r.draining
     state = live.state if live is not None else ("healthy" if takes else "draining")
+    addresses = None
+    if r.discover:
+        found = members or []
+        addresses = [s.ReplicaAddress(
+            url=m.url, state=m.state, in_flight=m.inflight,  # type: ignore[arg-type]
+            queue=_queue(m), latency_ms=_latency(m), requests=m.requests, errors=m.errors,
+            consecutive_failures=m.fails, last_error=m.last_error) for m in found]
+        states = {m.state for m in found}
+        state = ("draining" if not takes else "healthy" if "healthy" in states
+                 else "ejected")
+    every = members or []
     return s.Replica(
         id=r.id, model=model, url=r.url, weight=r.weight, enabled=r.enabled,
         draining=r.draining, has_upstream_api_key=r.upstream_api_key is not None,
-        health_url=r.health_url, state=state,  # type: ignore[arg-type]
-        in_flight=live.inflight if live else 0,
-        queue=s.Queue(running=live.running if live else None,
-                      waiting=live.waiting if live else None),
-        latency_ms=round(live.latency_ms, 3) if live and live.latency_ms is not None
-        else None,
-        requests=live.requests if live else 0, errors=live.errors if live else 0,
+        health_url=r.health_url, discover=r.discover,
+        addresses=addresses if members is not None or not r.discover else None,
+        state=state,  # type: ignore[arg-type]
+        in_flight=sum(m.inflight for m in every) if r.discover else (
+            live.inflight if live else 0),
+        queue=_queue(live),
+        latency_ms=_latency(live),
+        requests=sum(m.requests for m in every) if r.discover else (
+            live.requests if live else 0),
+        errors=sum(m.errors for m in every) if r.discover else (live.errors if live else 0),
         consecutive_failures=live.fails if live else 0,
         last_error=live.last_error if live else None,
         created_at=_ts(r.created_at), updated_at=_ts(r.updated_at))

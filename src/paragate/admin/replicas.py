@@ -30,7 +30,8 @@ def _id(r: Request) -> int:
 
 def _view(gw: Gateway, model: str, record: ReplicaRecord) -> s.Replica:
     gw.health.sync()  # a change just applied reaches the balancer's replicas now
-    return views.replica(model, record, gw.balancer.replica(record.id))
+    return views.replica(model, record, gw.balancer.replica(record.id),
+                         gw.balancer.discovered(record.id))
 
 
 async def list_(gw: Gateway, r: Request) -> None:

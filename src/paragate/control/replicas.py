@@ -21,7 +21,8 @@ from .common import Actor, check_api_key, check_int, check_url, live_model, requ
 __all__ = ["FIELDS", "MAX_WEIGHT", "create", "delete", "list_", "update"]
 
 # What `create` and `update` take (`url` is required to create).
-FIELDS = ("url", "weight", "upstream_api_key", "enabled", "draining", "health_url")
+FIELDS = ("url", "weight", "upstream_api_key", "enabled", "draining", "health_url",
+          "discover")
 MAX_WEIGHT = 1000
 _SECRET = "upstream_api_key"
 MASK = "<secret>"
@@ -31,7 +32,7 @@ def _check(values: dict[str, Any]) -> dict[str, Any]:
     unknown = set(values) - set(FIELDS)
     if unknown:
         raise InvalidRequest(f"Unknown replica fields: {', '.join(sorted(unknown))}.")
-    for required in ("url", "weight", "enabled", "draining"):
+    for required in ("url", "weight", "enabled", "draining", "discover"):
         if required in values and values[required] is None:
             raise InvalidRequest(f"'{required}' cannot be unset.", param=required)
     if "url" in values:
@@ -41,6 +42,19 @@ def _check(values: dict[str, Any]) -> dict[str, Any]:
     if values.get("health_url") is not None:
         check_url(values["health_url"], "health_url")
     return values
+
+
+def _check_discover(url: str, discover: bool, health_url: str | None) -> None:
+    """A discovered replica connects to addresses, not to its name: plain http only
+    (a certificate names the host), and no health_url (each address has its own)."""
+    if not discover:
+        return
+    if not url.startswith("http://"):
+        raise InvalidRequest("'discover' needs an http:// URL: each address is reached "
+                             "directly, and a certificate names a host.", param="discover")
+    if health_url is not None:
+        raise InvalidRequest("'discover' and 'health_url' do not go together: each "
+                             "address is checked at its own root.", param="health_url")
 
 
 def _replicas(conn: Connection, model_id: int) -> list[ReplicaRecord]:
@@ -76,7 +90,8 @@ def follow_first(ch: Change, model: ModelRecord) -> None:
 def add(ch: Change, model_id: int, **values: Any) -> int:
     """Insert a replica in a change already open (``models.create`` uses it)."""
     row = {"weight": 1, "upstream_api_key": None, "enabled": True, "draining": False,
-           "health_url": None, **values, "model_id": model_id}
+           "health_url": None, "discover": False, **values, "model_id": model_id}
+    _check_discover(row["url"], row["discover"], row["health_url"])
     return int(ch.conn.execute(insert(model_replicas).values(
         **row, version=ch.version, created_at=ch.at, updated_at=ch.at,
     ).returning(model_replicas.c.id)).scalar_one())
@@ -120,6 +135,9 @@ def update(store: Store, actor: Actor, model: str, replica_id: int, /,
                 for k, v in changes.items() if getattr(before, k) != v}
         if not diff:
             return before
+        _check_discover(changes.get("url", before.url),
+                        changes.get("discover", before.discover),
+                        changes.get("health_url", before.health_url))
         if "url" in diff and any(r.url == changes["url"] and r.id != replica_id
                                  for r in _replicas(ch.conn, found.id)):
             raise Conflict(f"The model '{found.name}' has a replica at {changes['url']} "

@@ -104,6 +104,7 @@ class ReplicaRecord:
     enabled: bool
     draining: bool
     health_url: str | None  # where /health and /metrics are; None: url without /v1
+    discover: bool  # the URL's host names the replicas: each of its addresses is one
     version: int
     created_at: datetime
     updated_at: datetime

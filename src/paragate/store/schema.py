@@ -192,6 +192,9 @@ model_replicas = Table(
     Column("enabled", Boolean, nullable=False),
     Column("draining", Boolean, nullable=False),
     Column("health_url", Text, nullable=True),
+    # the URL's host is a DNS name whose addresses are the replicas (a Kubernetes
+    # headless Service): resolved again every PARAGATE_DNS_INTERVAL seconds
+    Column("discover", Boolean, nullable=False, server_default=false()),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),

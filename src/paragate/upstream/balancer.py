@@ -39,8 +39,9 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import (
     GatewayError,
@@ -77,6 +78,14 @@ def affinity_key(mode: str, body: dict[str, object], prefix_chars: int) -> int |
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "big")
 
 
+def _at(url: str, address: str) -> str:
+    """``url`` with its host replaced by ``address`` (an IPv6 one in brackets)."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _mix(x: int) -> int:
     """splitmix64's finaliser: a key and a replica id to a well-spread 64-bit value."""
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
@@ -87,12 +96,13 @@ def _mix(x: int) -> int:
 class Replica:
     """One replica's configuration and its live state in this process."""
 
-    __slots__ = ("api_key", "backoff", "base_url", "completions_url", "ejected",
-                 "errors", "fails", "id", "inflight", "last_error", "latency_ms",
-                 "others", "probe_at", "record", "requests", "running", "salt",
-                 "takes_traffic", "url", "waiting", "weight")
+    __slots__ = ("address", "api_key", "backoff", "base_url", "completions_url",
+                 "ejected", "errors", "fails", "id", "inflight", "last_error",
+                 "latency_ms", "others", "probe_at", "record", "requests", "running",
+                 "salt", "takes_traffic", "url", "waiting", "weight")
 
-    def __init__(self, record: ReplicaRecord) -> None:
+    def __init__(self, record: ReplicaRecord, address: str | None = None) -> None:
+        self.address = address  # a discovered replica: one address its name resolved to
         self.inflight = 0
         self.others = 0  # requests vLLM had beyond ours at the last /metrics read
         self.running: int | None = None
@@ -111,9 +121,14 @@ class Replica:
         self.record = record
         self.id = record.id
         self.salt = record.id * 0x9E3779B97F4A7C15 & _MASK  # mixed with affinity keys
-        self.url = record.url
-        self.completions_url = record.url.rstrip("/") + "/completions"
-        self.base_url = record.base_url
+        url, base = record.url, record.base_url
+        if self.address is not None:
+            url, base = _at(url, self.address), _at(base, self.address)
+            self.salt ^= _mix(int.from_bytes(hashlib.blake2b(
+                self.address.encode(), digest_size=8).digest(), "big"))
+        self.url = url
+        self.completions_url = url.rstrip("/") + "/completions"
+        self.base_url = base
         self.api_key = record.upstream_api_key
         self.weight = max(record.weight, 1)
         self.takes_traffic = record.enabled and not record.draining
@@ -133,10 +148,11 @@ class Replica:
 class Fleet:
     """The replicas of one model."""
 
-    __slots__ = ("members", "model", "single", "source")
+    __slots__ = ("generation", "members", "model", "single", "source")
 
     def __init__(self, model: str, source: tuple[ReplicaRecord, ...],
                  members: list[Replica]) -> None:
+        self.generation = 0  # the balancer's DNS generation it was built at
         self.model = model
         self.source = source  # the registry's tuple this fleet was built from
         self.members = members
@@ -197,7 +213,10 @@ class Fleet:
     def _none_left(self, tried: Sequence[Replica]) -> GatewayError:
         if tried:  # pragma: no cover - callers check has_another first
             return NoReplica(f"No other replica of '{self.model}' can take the request.")
-        states = sorted({r.state for r in self.members}) or ["none configured"]
+        if not self.members:
+            return NoReplica(f"The model '{self.model}' has no replica to send to (a "
+                             "discovered name has resolved to no address yet).")
+        states = sorted({r.state for r in self.members})
         return NoReplica(f"Every replica of the model '{self.model}' is out of rotation "
                          f"({', '.join(states)}); try again shortly.")
 
@@ -218,7 +237,11 @@ class Balancer:
         self.probes = probes
         self.rng = random.Random(seed)
         self.fleets: dict[int, Fleet] = {}
-        self._replicas: dict[int, Replica] = {}  # every replica of every fleet, by id
+        self._replicas: dict[int, Replica] = {}  # every static replica, by id
+        # discovered replicas: what each one's name resolved to, and a member per address
+        self.addresses: dict[int, tuple[str, ...]] = {}
+        self._discovered: dict[tuple[int, str], Replica] = {}
+        self._generation = 0  # bumped whenever a name resolves to other addresses
 
     # -- the fleets -------------------------------------------------------------------
 
@@ -227,10 +250,14 @@ class Balancer:
         """The fleet of a model as configured now (rebuilt when its replicas changed,
         each replica keeping its live state)."""
         found = self.fleets.get(model_id)
-        if found is not None and found.source is replicas:
+        if (found is not None and found.source is replicas
+                and found.generation == self._generation):
             return found
         members = []
         for record in replicas:
+            if record.discover:
+                members.extend(self._members(record))
+                continue
             replica = self._replicas.get(record.id)
             if replica is None:
                 replica = self._replicas[record.id] = Replica(record)
@@ -238,18 +265,52 @@ class Balancer:
                 replica.configure(record)
             members.append(replica)
         fleet = self.fleets[model_id] = Fleet(model, replicas, members)
+        fleet.generation = self._generation
         return fleet
+
+    def _members(self, record: ReplicaRecord) -> list[Replica]:
+        out = []
+        for address in self.addresses.get(record.id, ()):
+            replica = self._discovered.get((record.id, address))
+            if replica is None:
+                replica = self._discovered[(record.id, address)] = Replica(record, address)
+            elif replica.record is not record:
+                replica.configure(record)
+            out.append(replica)
+        return out
+
+    def resolved(self, replica_id: int, addresses: tuple[str, ...]) -> bool:
+        """What a discovered replica's name resolves to now; True if that changed."""
+        if self.addresses.get(replica_id) == addresses:
+            return False
+        self.addresses[replica_id] = addresses
+        self._generation += 1
+        return True
 
     def forget(self, live_models: set[int]) -> None:
         """Drop the fleets of models gone, and replicas no fleet has."""
         for model_id in [m for m in self.fleets if m not in live_models]:
             del self.fleets[model_id]
-        kept = {r.id for f in self.fleets.values() for r in f.members}
+        kept = {r.id for f in self.fleets.values() for r in f.members if r.address is None}
         for replica_id in [r for r in self._replicas if r not in kept]:
             del self._replicas[replica_id]
+        live = {(r.id, r.address) for f in self.fleets.values() for r in f.members}
+        for found in [k for k in self._discovered if k not in live]:
+            del self._discovered[found]
+        discovering = {r.id for f in self.fleets.values() for r in f.source if r.discover}
+        for replica_id in [i for i in self.addresses if i not in discovering]:
+            del self.addresses[replica_id]
 
     def replica(self, replica_id: int) -> Replica | None:
         return self._replicas.get(replica_id)
+
+    def discovered(self, replica_id: int) -> list[Replica] | None:
+        """The members a discovered replica's name gave, by address; None: not yet
+        resolved."""
+        addresses = self.addresses.get(replica_id)
+        if addresses is None:
+            return None
+        return [r for a in addresses if (r := self._discovered.get((replica_id, a)))]
 
     # -- what happened ----------------------------------------------------------------
 
@@ -283,11 +344,14 @@ class Balancer:
 
     @asynccontextmanager
     async def post(self, fleet: Fleet, body: bytes, timeouts: Timeouts | None = None,
-                   key: int | None = None) -> AsyncIterator[tuple[Replica, Response]]:
+                   key: int | None = None, chosen: Callable[[str], None] | None = None
+                   ) -> AsyncIterator[tuple[Replica, Response]]:
         """POST ``body`` to a replica of ``fleet`` (trying others where safe) and yield
         (the replica, its answer, headers read). The replica's counts and health follow
         from how the block ends. ``timeouts``: the model's (its total counts from here,
-        across tries); ``key``: the request's affinity key, if its model has one."""
+        across tries); ``key``: the request's affinity key, if its model has one;
+        ``chosen`` hears each replica's URL as it is tried (the usage record's
+        upstream, also when the try fails before an answer)."""
         if not self.probes:
             self.readmit_due()
         tried: list[Replica] = []
@@ -297,6 +361,8 @@ class Balancer:
         while True:
             replica = fleet.choose(tried, self.rng, key)
             tried.append(replica)
+            if chosen is not None:
+                chosen(replica.url)
             can_retry = (len(tried) <= self.retries and time.monotonic() < deadline
                          and fleet.has_another(tried))
             replica.inflight += 1

@@ -7,6 +7,12 @@ the replica); an ejected replica is checked again once its back-off is over, and
 first good answer re-admits it. With the defaults (every 1 s, 2 s to answer, 3 failures)
 a dead replica is out within about 4 s even without traffic, and a restarted one is back
 within the 8 s back-off plus a second.
+
+A discovered replica (``discover``: its URL's host names the replicas, as a Kubernetes
+headless Service does) is resolved at start-up and again every ``dns_interval``
+seconds; each address is a replica of its own, checked and balanced like any other,
+and one that leaves the answer leaves the fleet. A failed lookup keeps the addresses
+last seen.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from urllib.parse import urlsplit
 
 from ..errors import GatewayError
 from .balancer import Balancer, Fleet, Replica
@@ -50,24 +58,70 @@ def queue_of(metrics: bytes) -> tuple[int | None, int | None]:
     return _gauge(metrics, _RUNNING), _gauge(metrics, _WAITING)
 
 
+Resolver = Callable[[str, int], Awaitable[tuple[str, ...]]]
+
+
+async def resolve(host: str, port: int) -> tuple[str, ...]:
+    """The addresses of ``host``, sorted, each once (the system's resolver)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                         type=socket.SOCK_STREAM)
+    return tuple(sorted({str(info[4][0]) for info in infos}))
+
+
 class HealthChecker:
     def __init__(self, balancer: Balancer, fleets: Callable[[], Iterable[Fleet]], *,
-                 interval: float, timeout: float) -> None:
+                 interval: float, timeout: float, dns_interval: float = 5.0,
+                 resolver: Resolver = resolve) -> None:
         self._balancer = balancer
         self._fleets = fleets  # the fleets of the enabled models, as configured now
         self.interval = interval
         self.timeout = timeout
+        self.dns_interval = dns_interval
+        self.resolver = resolver
         self._stopping = asyncio.Event()
+        self._next_lookup = 0.0
         self.checks = 0
 
-    async def run(self) -> None:
-        while not self._stopping.is_set():
-            started = time.monotonic()
+    async def resolve_all(self) -> None:
+        """Look up every discovered replica's name (at most ``timeout`` seconds each)."""
+        self._next_lookup = time.monotonic() + self.dns_interval
+        seen: dict[int, str] = {}
+        for fleet in self.sync():
+            for record in fleet.source:
+                if record.discover and record.enabled:
+                    seen[record.id] = record.url
+        for replica_id, url in seen.items():
+            parts = urlsplit(url)
+            host, port = parts.hostname or "", parts.port or 80
             try:
-                await self.check_all()
+                async with asyncio.timeout(self.timeout):
+                    addresses = await self.resolver(host, port)
+            except (OSError, TimeoutError) as exc:
+                log.warning("replica %d: looking up %s failed (%s); keeping %s", replica_id,
+                            host, exc or "timeout",
+                            ", ".join(self._balancer.addresses.get(replica_id, ())) or
+                            "no address")
+                continue
+            if self._balancer.resolved(replica_id, addresses):
+                log.info("replica %d: %s resolves to %s", replica_id, host,
+                         ", ".join(addresses) or "no address")
+
+    async def run(self) -> None:
+        """Checks every ``interval`` (none when it is 0), lookups every
+        ``dns_interval``, until ``stop``."""
+        next_check = 0.0
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            try:
+                if now >= self._next_lookup:
+                    await self.resolve_all()
+                if self.interval > 0 and now >= next_check:
+                    next_check = now + self.interval
+                    await self.check_all()
             except Exception:  # pragma: no cover - a bug must not stop the checks
                 log.exception("the replica health checks failed")
-            delay = max(self.interval - (time.monotonic() - started), 0.05)
+            wake = min(next_check if self.interval > 0 else float("inf"), self._next_lookup)
+            delay = max(wake - time.monotonic(), 0.05)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 

@@ -53,6 +53,10 @@ class Exchange:
     settle: Callable[[], None] | None = None
     done: bool = False
 
+    def tried(self, upstream: str) -> None:
+        """The replica a try goes to (the last one tried is the record's upstream)."""
+        self.upstream = upstream
+
     def finish(self) -> None:
         """Journal the record (once; later calls do nothing)."""
         if self.done:

@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("enabled", sa.Boolean, nullable=False),
         sa.Column("draining", sa.Boolean, nullable=False),
         sa.Column("health_url", sa.Text, nullable=True),
+        sa.Column("discover", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("version", sa.BigInteger, nullable=False),
         sa.Column("created_at", UTCDateTime, nullable=False),
         sa.Column("updated_at", UTCDateTime, nullable=False),
@@ -56,7 +57,7 @@ def upgrade() -> None:
     now = datetime.now(UTC)
     rows = [{"model_id": m.id, "url": m.upstream_url, "weight": 1,
              "upstream_api_key": m.upstream_api_key, "enabled": True, "draining": False,
-             "health_url": None, "version": m.version, "created_at": now,
+             "health_url": None, "discover": False, "version": m.version, "created_at": now,
              "updated_at": now, "deleted_at": None}
             for m in bind.execute(sa.select(models).where(models.c.deleted_at.is_(None))
                                   .order_by(models.c.id))]
