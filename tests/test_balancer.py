@@ -590,3 +590,29 @@ async def test_a_discovered_replica_follows_its_name(sqlite_store: Store,
         await gw.stop()
         await a.stop()
         await b.stop()
+
+
+async def test_a_replica_whose_queue_builds_gets_less(sqlite_store: Store, tmp_path: Path,
+                                                      fakes: list[FakeVLLM]) -> None:
+    """Another router fills replica 2: its /metrics says so, and the health checks that
+    read it move this gateway's requests to replica 1."""
+    fl = Fleet2(sqlite_store, [fakes[0].base_url, fakes[1].base_url])
+    gw, api = await running(sqlite_store, tmp_path, health_interval=0.05)
+    try:
+        fakes[1].waiting = 40
+        busy = gw.balancer.replica(fl.ids[1])
+        assert busy is not None
+        deadline = time.monotonic() + 5
+        while busy.waiting != 40:
+            assert time.monotonic() < deadline, "the queue was never read"
+            await asyncio.sleep(0.02)
+        answers = await asyncio.gather(*(complete(api, fl.key) for _ in range(20)))
+        assert {r.status_code for r in answers} == {200}
+        assert (len(fakes[0].requests), len(fakes[1].requests)) == (20, 0)
+        r = await api.get("/api/v2/models/m/replicas",
+                          headers={"authorization": f"Bearer {fl.admin}"})
+        queues = {x["id"]: x["queue"] for x in r.json()["data"]}
+        assert queues[fl.ids[1]] == {"running": 0, "waiting": 40}
+    finally:
+        await api.aclose()
+        await gw.stop()

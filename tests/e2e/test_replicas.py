@@ -134,59 +134,6 @@ class Load:
                     o.code = failed[-1][:200] if failed else r.text[:200]
 
 
-def test_killing_a_replica_under_load_fails_only_what_was_on_it(pair: Pair) -> None:
-    stack, second = pair.stack, pair.second
-    load = Load(stack.through, stack.key)
-    threads = [threading.Thread(target=load.worker, args=(n,), daemon=True) for n in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(6)
-    os.killpg(second.pid, signal.SIGKILL)  # the whole vLLM, engine processes too
-    killed_at = time.monotonic()
-    time.sleep(8)
-    load.stop.set()
-    for t in threads:
-        t.join(90)
-        assert not t.is_alive(), "a request hung"
-    ejected_after = pair.wait_state(second.base_url, "ejected", 10)
-
-    records = {r.client_request_id: r for r in stack_records(pair)}
-    assert len(load.outcomes) > 20
-    failed = [o for o in load.outcomes if not o.ok]
-    for o in failed:
-        record = records.get(o.request_id)
-        assert record is not None, o
-        # only what was on the killed replica when it died, and each in our envelope
-        assert record.upstream == second.base_url, (o, record)
-        assert o.started < killed_at < o.ended + 0.5, o
-        assert o.clean, o
-    after = [o for o in load.outcomes if o.started > killed_at + 0.5]
-    assert after and all(o.ok for o in after)
-    assert any(records[o.request_id].upstream == second.base_url
-               for o in load.outcomes if o.ended < killed_at and o.ok), "B never served"
-    print(f"\n{len(load.outcomes)} requests, {len(failed)} failed (in flight on the "
-          f"killed replica), ejected {ejected_after:.1f} s after the load ended")
-
-    # restarted on the same port: taken back, and given requests again
-    restarted = localvllm.VLLMServer(localvllm.ensure_demo_model(),
-                                     served_model_name=SERVED_NAME, max_model_len=4096,
-                                     port=second.port, log_path=pair.logs / "vllm-2b.log")
-    second.stop()  # reaps the killed group
-    pair.second = restarted.start()
-    back_after = pair.wait_state(second.base_url, "healthy", 20)
-    served = 0
-    with httpx.Client(timeout=60) as client:
-        for i in range(12):
-            r = client.post(stack.through, headers={"Authorization": f"Bearer {stack.key}"},
-                            json={"model": MODEL, "prompt": f"x{i}", "max_tokens": 2})
-            assert r.status_code == 200
-    time.sleep(1)
-    served = sum(1 for r in stack_records(pair) if r.upstream == second.base_url
-                 and r.created_at.timestamp() > time.time() - 30)
-    assert served > 0
-    print(f"re-admitted {back_after:.1f} s after it answered /health again")
-
-
 def stack_records(pair: Pair) -> list:  # type: ignore[type-arg]
     time.sleep(0.5)  # the usage writer's flush
     return pair.store.list_usage()
@@ -234,3 +181,65 @@ def test_prefix_affinity_raises_vllms_prefix_cache_hit_rate(pair: Pair) -> None:
     print(f"\nprefix-cache hit rate: affinity none {rates['none']:.2f}, "
           f"prefix {rates['prefix']:.2f}")
     assert rates["prefix"] > rates["none"]
+
+
+def test_killing_a_replica_under_load_fails_only_what_was_on_it(pair: Pair) -> None:
+    stack, second = pair.stack, pair.second
+    load = Load(stack.through, stack.key)
+    threads = [threading.Thread(target=load.worker, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(6)
+    os.killpg(second.pid, signal.SIGKILL)  # the whole vLLM, engine processes too
+    # A request sent while the signal takes effect can still reach the dying server:
+    # what was in flight on it is what started before it was gone.
+    while True:
+        second.returncode()  # reaps the leader
+        try:
+            os.killpg(second.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    killed_at = time.monotonic()
+    time.sleep(8)
+    load.stop.set()
+    for t in threads:
+        t.join(90)
+        assert not t.is_alive(), "a request hung"
+    ejected_after = pair.wait_state(second.base_url, "ejected", 10)
+
+    records = {r.client_request_id: r for r in stack_records(pair)}
+    assert len(load.outcomes) > 20
+    failed = [o for o in load.outcomes if not o.ok]
+    for o in failed:
+        record = records.get(o.request_id)
+        assert record is not None, o
+        # only what was on the killed replica when it died, and each in our envelope
+        assert record.upstream == second.base_url, (o, record)
+        assert o.started < killed_at, o
+        assert o.clean, o
+    after = [o for o in load.outcomes if o.started > killed_at + 0.5]
+    assert after and all(o.ok for o in after)
+    assert any(records[o.request_id].upstream == second.base_url
+               for o in load.outcomes if o.ended < killed_at and o.ok), "B never served"
+    print(f"\n{len(load.outcomes)} requests, {len(failed)} failed (in flight on the "
+          f"killed replica), ejected {ejected_after:.1f} s after the load ended")
+
+    # restarted on the same port: taken back, and given requests again
+    restarted = localvllm.VLLMServer(localvllm.ensure_demo_model(),
+                                     served_model_name=SERVED_NAME, max_model_len=4096,
+                                     port=second.port, log_path=pair.logs / "vllm-2b.log")
+    second.stop()  # reaps the killed group
+    pair.second = restarted.start()
+    back_after = pair.wait_state(second.base_url, "healthy", 20)
+    served = 0
+    with httpx.Client(timeout=60) as client:
+        for i in range(12):
+            r = client.post(stack.through, headers={"Authorization": f"Bearer {stack.key}"},
+                            json={"model": MODEL, "prompt": f"x{i}", "max_tokens": 2})
+            assert r.status_code == 200
+    time.sleep(1)
+    served = sum(1 for r in stack_records(pair) if r.upstream == second.base_url
+                 and r.created_at.timestamp() > time.time() - 30)
+    assert served > 0
+    print(f"re-admitted {back_after:.1f} s after it answered /health again")
