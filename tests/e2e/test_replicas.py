@@ -108,8 +108,9 @@ class Load:
                 i += 1
                 o = Outcome(str(uuid.uuid4()), stream, time.monotonic())
                 self.outcomes.append(o)
-                body = {"model": MODEL, "prompt": f"def worker_{n}_{i}(", "max_tokens": 24,
-                        "temperature": 0, "stream": stream}
+                body = {"model": MODEL, "prompt": f"def worker_{n}_{i}(",
+                        "max_tokens": 96 if stream else 24, "temperature": 0,
+                        "stream": stream}
                 headers = {"Authorization": f"Bearer {self.key}", "x-request-id": o.request_id}
                 try:
                     r = client.post(self.url, json=body, headers=headers)
@@ -190,6 +191,10 @@ def test_killing_a_replica_under_load_fails_only_what_was_on_it(pair: Pair) -> N
     for t in threads:
         t.start()
     time.sleep(6)
+    deadline = time.monotonic() + 10
+    while pair.replicas()[second.base_url]["in_flight"] == 0:  # kill it while it works
+        assert time.monotonic() < deadline, "the second replica never had a request"
+        time.sleep(0.01)
     os.killpg(second.pid, signal.SIGKILL)  # the whole vLLM, engine processes too
     # A request sent while the signal takes effect can still reach the dying server:
     # what was in flight on it is what started before its API server was gone (its
@@ -216,6 +221,7 @@ def test_killing_a_replica_under_load_fails_only_what_was_on_it(pair: Pair) -> N
         assert record.upstream == second.base_url, (o, record)
         assert o.started < killed_at, o
         assert o.clean, o
+    assert failed, "nothing was in flight on the killed replica"
     after = [o for o in load.outcomes if o.started > killed_at + 0.5]
     assert after and all(o.ok for o in after)
     assert any(records[o.request_id].upstream == second.base_url
