@@ -23,7 +23,7 @@ from paragate.cli import main
 from paragate.errors import NoReplica
 from paragate.gateway import Gateway
 from paragate.store import ReplicaRecord, Store
-from paragate.upstream.balancer import Fleet, Replica, affinity_key
+from paragate.upstream.balancer import Balancer, Fleet, Replica, affinity_key
 
 from .conftest import CLI, add_model, build_gateway, make_key
 from .fake_vllm import FakeVLLM
@@ -61,6 +61,18 @@ def test_weights_share_the_traffic() -> None:
     rng = random.Random(2)
     counts = Counter(f.choose([], rng).id for _ in range(4000))
     assert counts[1] > 2 * counts[2] > 0  # idle replicas: the pick follows the weights
+
+
+def test_only_a_probe_readmits_an_ejected_replica() -> None:
+    f = fleet(1, 1)
+    balancer = Balancer(None, eject_after=1)  # type: ignore[arg-type]
+    sick = f.members[0]
+    balancer.failed(sick, "connect refused")
+    assert sick.ejected
+    balancer.succeeded(sick)  # a request that was in flight there when it was ejected
+    assert sick.ejected
+    balancer.succeeded(sick, probe=True)  # a good health check
+    assert not sick.ejected and sick.fails == 0
 
 
 def test_out_of_rotation_replicas_are_never_chosen() -> None:

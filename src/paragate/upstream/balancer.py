@@ -141,9 +141,6 @@ class Replica:
             return "draining"
         return "ejected" if self.ejected else "healthy"
 
-    def available(self) -> bool:
-        return self.takes_traffic and not self.ejected
-
 
 class Fleet:
     """The replicas of one model."""
@@ -314,7 +311,11 @@ class Balancer:
 
     # -- what happened ----------------------------------------------------------------
 
-    def succeeded(self, replica: Replica) -> None:
+    def succeeded(self, replica: Replica, *, probe: bool = False) -> None:
+        """A good answer. Only a probe (a health check) re-admits an ejected replica: a
+        request that was in flight when it was ejected says little about new ones."""
+        if replica.ejected and not probe:
+            return
         replica.fails = 0
         if replica.ejected:
             replica.ejected = False

@@ -162,7 +162,7 @@ class HealthChecker:
             return
         if replica.ejected:
             log.info("replica %d (%s) answers again: re-admitted", replica.id, replica.url)
-        self._balancer.succeeded(replica)
+        self._balancer.succeeded(replica, probe=True)
         if queue:
             await self.read_queue(replica)
 
