@@ -30,7 +30,7 @@ class Route:
 
     id: int
     name: str
-    upstream_url: str  # vLLM base, e.g. http://host:8000/v1
+    upstream_url: str  # its first replica's vLLM base, e.g. http://host:8000/v1 (shown)
     upstream_model: str
     upstream_api_key: str | None  # never rendered anywhere
     enabled: bool
@@ -47,10 +47,6 @@ class Route:
     timeouts: Timeouts | None = None  # its own where set, else the gateway's
     timeouts_set: tuple[float | None, ...] = (None, None, None, None)  # as configured
     affinity: str = "none"  # none | prefix | user
-
-    @property
-    def completions_url(self) -> str:
-        return self.upstream_url.rstrip("/") + "/completions"
 
     def open_to(self, company_id: int) -> bool:
         return self.company_ids is None or company_id in self.company_ids
