@@ -57,6 +57,7 @@ class Timeouts:
     idle: float  # between two pieces of an answer
     total: float | None = None  # from the first try to the last byte; None: none
 
+
 _HIGH_WATER = 1 << 20  # stop reading from vLLM while this much is buffered, unread
 _Origin = tuple[str, str, int]  # scheme, host, port
 # origin key, origin text, request head up to the Content-Length value, and after it
