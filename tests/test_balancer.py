@@ -4,6 +4,7 @@ draining, and the replicas API and CLI. Each fault is a fake upstream of its own
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import shutil
 import socket
@@ -73,6 +74,21 @@ def test_only_a_probe_readmits_an_ejected_replica() -> None:
     assert sick.ejected
     balancer.succeeded(sick, probe=True)  # a good health check
     assert not sick.ejected and sick.fails == 0
+
+
+def test_without_probes_a_back_off_ending_readmits_discovered_replicas_too() -> None:
+    balancer = Balancer(None, eject_after=1, probes=False)  # type: ignore[arg-type]
+    static = record(1)
+    named = dataclasses.replace(static, id=2, discover=True)
+    balancer.resolved(2, ("10.0.0.7",))
+    f = balancer.fleet(1, "m", (static, named))
+    assert [r.url for r in f.members] == ["http://r1:8000/v1", "http://10.0.0.7:8000/v1"]
+    for r in f.members:
+        balancer.failed(r, "refused")
+        assert r.ejected
+        r.probe_at = 0.0  # the back-off is over
+    balancer.readmit_due()
+    assert not any(r.ejected for r in f.members)
 
 
 def test_out_of_rotation_replicas_are_never_chosen() -> None:
@@ -559,6 +575,8 @@ async def test_a_discovered_replica_follows_its_name(sqlite_store: Store,
     answers = {"vllm.fleet.svc": ("127.0.0.1",)}
 
     async def resolver(host: str, port: int) -> tuple[str, ...]:
+        if host not in answers:
+            raise OSError("Name or service not known")
         return answers[host]
 
     url = f"http://vllm.fleet.svc:{a.port}/v1"
@@ -593,6 +611,10 @@ async def test_a_discovered_replica_follows_its_name(sqlite_store: Store,
         for _ in range(6):
             assert (await complete(api, fl.key)).status_code == 200
         assert len(a.requests) == before
+        del answers["vllm.fleet.svc"]  # the lookup fails: the last answer holds
+        await asyncio.sleep(0.3)
+        assert gw.balancer.addresses[fl.ids[0]] == ("127.0.0.2",)
+        assert (await complete(api, fl.key)).status_code == 200
         answers["vllm.fleet.svc"] = ()  # nothing behind the name
         await asyncio.sleep(0.3)
         r = await complete(api, fl.key)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from .auth import REVOKED, Principal, check_key
+from .config import Settings
 from .errors import AuthenticationFailed, ModelNotFound, ViewTooOld
 from .store import Changes, CompanyRecord, KeyRecord, ModelRecord, ReplicaRecord, UserRecord
 from .upstream.pool import Timeouts
@@ -70,7 +71,10 @@ class Registry:
     def __init__(self, *, default_max_logprobs: int, max_view_age: float = 0.0,
                  default_timeouts: Timeouts | None = None) -> None:
         self._default_max_logprobs = default_max_logprobs
-        self._default_timeouts = default_timeouts or Timeouts(5.0, 600.0, 600.0)
+        defaults = Settings()
+        self._default_timeouts = default_timeouts or Timeouts(
+            defaults.upstream_connect_timeout, defaults.upstream_read_timeout,
+            defaults.upstream_read_timeout)
         self._max_age = max_view_age
         self.version = 0
         self.companies: dict[int, CompanyRecord] = {}

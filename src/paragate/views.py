@@ -93,33 +93,27 @@ def replica(model: str, r: ReplicaRecord, live: Replica | None,
             members: list[Replica] | None = None) -> s.Replica:
     """A replica's configuration, and this process's view of it (``live``: None when
     no request or check has seen it yet, e.g. a model that is disabled; ``members``: a
-    discovered replica's addresses, None until its name was first resolved)."""
+    discovered replica's addresses, None until its name was first resolved; the counts
+    are then their sums)."""
     takes = r.enabled and not r.draining
-    state = live.state if live is not None else ("healthy" if takes else "draining")
-    addresses = None
+    parts = (members or []) if r.discover else [live] if live else []
     if r.discover:
-        found = members or []
-        addresses = [s.ReplicaAddress(
-            url=m.url, state=m.state, in_flight=m.inflight,  # type: ignore[arg-type]
-            queue=_queue(m), latency_ms=_latency(m), requests=m.requests, errors=m.errors,
-            consecutive_failures=m.fails, last_error=m.last_error) for m in found]
-        states = {m.state for m in found}
-        state = ("draining" if not takes else "healthy" if "healthy" in states
-                 else "ejected")
-    every = members or []
+        states = {m.state for m in parts}
+        state = "draining" if not takes else "healthy" if "healthy" in states else "ejected"
+    else:
+        state = live.state if live else "healthy" if takes else "draining"
+    addresses = None if members is None else [s.ReplicaAddress(
+        url=m.url, state=m.state, in_flight=m.inflight,  # type: ignore[arg-type]
+        queue=_queue(m), latency_ms=_latency(m), requests=m.requests, errors=m.errors,
+        consecutive_failures=m.fails, last_error=m.last_error) for m in members]
     return s.Replica(
         id=r.id, model=model, url=r.url, weight=r.weight, enabled=r.enabled,
         draining=r.draining, has_upstream_api_key=r.upstream_api_key is not None,
-        health_url=r.health_url, discover=r.discover,
-        addresses=addresses if members is not None or not r.discover else None,
+        health_url=r.health_url, discover=r.discover, addresses=addresses,
         state=state,  # type: ignore[arg-type]
-        in_flight=sum(m.inflight for m in every) if r.discover else (
-            live.inflight if live else 0),
-        queue=_queue(live),
-        latency_ms=_latency(live),
-        requests=sum(m.requests for m in every) if r.discover else (
-            live.requests if live else 0),
-        errors=sum(m.errors for m in every) if r.discover else (live.errors if live else 0),
+        in_flight=sum(m.inflight for m in parts), queue=_queue(live),
+        latency_ms=_latency(live), requests=sum(m.requests for m in parts),
+        errors=sum(m.errors for m in parts),
         consecutive_failures=live.fails if live else 0,
         last_error=live.last_error if live else None,
         created_at=_ts(r.created_at), updated_at=_ts(r.updated_at))

@@ -222,7 +222,7 @@ class Balancer:
     def __init__(self, upstreams: Upstreams, *, retries: int = 2,
                  retry_window: float = 10.0, eject_after: int = 3,
                  base_backoff: float = 1.0, max_backoff: float = 8.0,
-                 probes: bool = True, seed: int | None = None) -> None:
+                 probes: bool = True) -> None:
         self.upstreams = upstreams
         self.retries = retries
         self.retry_window = retry_window
@@ -232,7 +232,7 @@ class Balancer:
         # without a health checker, an ejected replica's back-off ending re-admits it
         # (the next request is the probe); with one, only a good health check does
         self.probes = probes
-        self.rng = random.Random(seed)
+        self.rng = random.Random()
         self.fleets: dict[int, Fleet] = {}
         self._replicas: dict[int, Replica] = {}  # every static replica, by id
         # discovered replicas: what each one's name resolved to, and a member per address
@@ -337,11 +337,16 @@ class Balancer:
     def readmit_due(self) -> None:
         """Without probes: replicas whose back-off is over take traffic again."""
         now = time.monotonic()
-        for replica in self._replicas.values():
+        for replica in (*self._replicas.values(), *self._discovered.values()):
             if replica.ejected and now >= replica.probe_at:
                 replica.ejected = False
 
     # -- one request ------------------------------------------------------------------
+
+    def _can_retry(self, fleet: Fleet, tried: list[Replica], first: float) -> bool:
+        """Whether another try may start: tries left, time left, a replica left."""
+        return (len(tried) <= self.retries and time.monotonic() < first + self.retry_window
+                and fleet.has_another(tried))
 
     @asynccontextmanager
     async def post(self, fleet: Fleet, body: bytes, timeouts: Timeouts | None = None,
@@ -356,7 +361,7 @@ class Balancer:
         if not self.probes:
             self.readmit_due()
         tried: list[Replica] = []
-        deadline = time.monotonic() + self.retry_window
+        first = started = time.monotonic()
         total = timeouts.total if timeouts is not None else None
         until = asyncio.get_running_loop().time() + total if total else None
         while True:
@@ -364,11 +369,10 @@ class Balancer:
             tried.append(replica)
             if chosen is not None:
                 chosen(replica.url)
-            can_retry = (len(tried) <= self.retries and time.monotonic() < deadline
-                         and fleet.has_another(tried))
             replica.inflight += 1
             replica.requests += 1
-            started = time.monotonic()
+            if len(tried) > 1:
+                started = time.monotonic()
             yielded = False
             try:
                 async with self.upstreams.post(replica.completions_url, body,
@@ -376,7 +380,7 @@ class Balancer:
                     took = (time.monotonic() - started) * 1000
                     replica.latency_ms = took if replica.latency_ms is None else (
                         replica.latency_ms * 0.8 + took * 0.2)
-                    if resp.status in _BUSY and can_retry:
+                    if resp.status in _BUSY and self._can_retry(fleet, tried, first):
                         replica.last_error = f"answered {resp.status}"
                         continue  # leaving the block closes this answer unread
                     yielded = True
@@ -394,7 +398,7 @@ class Balancer:
                 if yielded:
                     raise
                 self.failed(replica, exc.message)
-                if not can_retry:
+                if not self._can_retry(fleet, tried, first):
                     raise
             except (UpstreamFailed, UpstreamTimeout) as exc:
                 if not yielded:  # broken or silent before the headers: maybe processed

@@ -80,7 +80,6 @@ class HealthChecker:
         self.resolver = resolver
         self._stopping = asyncio.Event()
         self._next_lookup = 0.0
-        self.checks = 0
 
     async def resolve_all(self) -> None:
         """Look up every discovered replica's name (at most ``timeout`` seconds each)."""
@@ -148,7 +147,6 @@ class HealthChecker:
 
     async def check(self, replica: Replica, queue: bool) -> None:
         upstreams = self._balancer.upstreams
-        self.checks += 1
         try:
             status, _ = await upstreams.get(replica.base_url + "/health", self.timeout)
             if status != 200:
