@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import time
 import timeit
 from datetime import UTC, datetime
 
@@ -61,6 +62,45 @@ def main() -> None:
     key = affinity_key("prefix", body, 256)
     print(f"| 8, prefix affinity (the key: {key_us:.2f} µs more) | equal | "
           f"{per_call_us(fleet([1] * 8, 1), args.number, key):.2f} |")
+    direct, through = post_overhead_us(args.number // 2)
+    print(f"\n`Balancer.post` with one replica, fleet lookup included, around a stub pool's "
+          f"`post`: {through:.2f} µs against {direct:.2f} µs direct, "
+          f"{through - direct:.2f} µs added")
+
+
+def post_overhead_us(number: int) -> tuple[float, float]:
+    """(µs per ``async with`` of a stub pool's ``post``, µs through ``Balancer.post``
+    with the fleet lookup): what the balancer adds to a request with one replica."""
+    import asyncio
+    from contextlib import asynccontextmanager
+    from typing import Any
+
+    from paragate.upstream.balancer import Balancer
+
+    class Answer:
+        status = 200
+
+    class Pool:
+        @asynccontextmanager
+        async def post(self, *args: Any) -> Any:
+            yield Answer()
+
+    async def run() -> tuple[float, float]:
+        pool = Pool()
+        balancer = Balancer(pool)  # type: ignore[arg-type]
+        records = fleet([1], 1).source
+        started = time.perf_counter()
+        for _ in range(number):
+            async with pool.post("u", b"", None):
+                pass
+        direct = (time.perf_counter() - started) / number * 1e6
+        started = time.perf_counter()
+        for _ in range(number):
+            async with balancer.post(balancer.fleet(1, "m", records), b""):
+                pass
+        return direct, (time.perf_counter() - started) / number * 1e6
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":
