@@ -90,6 +90,8 @@ class TcpProxy:
         # then every connection is cut before the server's answer gets back
         self.drop_after: bytes | None = None
         self.dropped = 0
+        # time.monotonic() of each connection its client ended (FIN or reset)
+        self.client_closed: list[float] = []
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self.up()
@@ -110,8 +112,11 @@ class TcpProxy:
                     await asyncio.sleep(0.3)
                     self._loop.create_task(self._cut_connections())
                     return
+            if outbound:
+                self.client_closed.append(time.monotonic())
         except OSError:
-            pass
+            if outbound:
+                self.client_closed.append(time.monotonic())
         finally:
             writer.close()
 
