@@ -3,12 +3,14 @@ and the gateway driven in-process through ASGI."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +27,8 @@ from paragate.config import Settings
 from paragate.control import Actor
 from paragate.control.users import DEFAULT_USER, SYSTEM_ADMIN
 from paragate.gateway import Gateway
-from paragate.store import Store
+from paragate.limits.resp import RedisClient
+from paragate.store import Store, UsageRecord
 from paragate.store.schema import api_keys
 
 from .fake_vllm import FakeVLLM
@@ -147,6 +150,44 @@ class Keys:
 
 
 CLI = Actor.cli()
+REDIS = "redis://127.0.0.1:6379/0"  # the machine's Redis, shared: tests use own prefixes
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A namespace of its own in the shared Redis, removed afterwards."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+
+    async def clean() -> None:
+        client = RedisClient(REDIS)
+        cursor = b"0"
+        while True:
+            reply = await client.execute("SCAN", cursor, "MATCH", f"{{{prefix}}}:*",
+                                         "COUNT", 1000)
+            assert isinstance(reply, list)
+            cursor, found = reply[0], reply[1]
+            assert isinstance(found, list)
+            if found:
+                await client.execute("DEL", *found)  # type: ignore[arg-type]
+            if cursor in (b"0", 0):
+                break
+        await client.close()
+
+    asyncio.run(clean())
+
+
+async def wait_usage(store: Store, done: Callable[[list[UsageRecord]], bool],
+                     timeout: float = 10.0) -> list[UsageRecord]:
+    """The usage records once ``done`` holds of them: the writer runs when the CPUs are
+    otherwise idle (a loaded machine delays it by seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = store.list_usage()
+        if done(rows):
+            return rows
+        assert time.monotonic() < deadline, f"usage records not written in {timeout} s"
+        await asyncio.sleep(0.05)
 
 
 def make_key(store: Store, name: str, *, is_admin: bool = False, user_id: int | None = None,

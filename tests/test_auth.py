@@ -14,7 +14,7 @@ from paragate.store import KeyRecord
 def record(public_id: str, secret_hash: str, **kw: object) -> KeyRecord:
     values: dict[str, object] = dict(
         id=1, public_id=public_id, secret_hash=secret_hash, previous_hash=None,
-        previous_expires_at=None, user_id=1, name="n", model_ids=None, rate_limit_rpm=None,
+        previous_expires_at=None, user_id=1, name="n", model_ids=None,
         usage_opt_in=True, version=1, created_at=datetime.now(UTC), expires_at=None,
         revoked_at=None, last_used_at=None)
     values.update(kw)

@@ -22,7 +22,7 @@ from paragate.control.users import SYSTEM_ADMIN
 from paragate.gateway import Gateway
 from paragate.store import Store
 
-from .conftest import CLI, Keys, build_gateway, force_expiry
+from .conftest import CLI, Keys, build_gateway, force_expiry, wait_usage
 from .test_completions import assert_envelope, auth
 
 
@@ -262,8 +262,8 @@ async def test_a_renamed_model_keeps_its_keys(api: httpx.AsyncClient, tenancy: T
                        json={"model": "alfred-5", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 200 and r.json()["model"] == "alfred-5"
     assert_envelope(await complete(api, key), 404, "model_not_found", "model")
-    await asyncio.sleep(0.2)  # usage written
-    *_, done, refused = gateway.store.list_usage()  # the 404 is recorded too
+    *_, done, refused = await wait_usage(  # the 404 is recorded too
+        gateway.store, lambda rows: bool(rows) and rows[-1].status == 404)
     assert done.model == "alfred-5" and done.model_id is not None and done.status == 200
     assert done.company_id == tenancy.company and done.user_id == tenancy.user_id
     assert (refused.model, refused.model_id, refused.status) == ("alfred-4.2", None, 404)
@@ -309,7 +309,10 @@ async def test_models_configuration_is_for_system_admins_only(
     model = r.json()
     assert model["has_upstream_api_key"] is True and "sk-up-1" not in r.text
     assert model["limits"] == {"max_logprobs": None, "default_max_tokens": None,
-                               "max_tokens_limit": 10}
+                               "max_tokens_limit": 10, "max_prompts": None, "max_n": None,
+                               "max_request_tokens": None}
+    assert model["rate_limits"] == dict.fromkeys(
+        ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens"))
     for who in (tenancy.user, tenancy.admin):
         seen = await api.get("/api/v2/models/m2", headers=auth(who))
         assert set(seen.json()) == {"id", "object", "created", "owned_by", "display_name",
@@ -396,8 +399,8 @@ async def test_deleting_a_company_revokes_its_keys_and_keeps_history(
     assert_envelope(r, 404, "not_found")
     keys = control.keys.list_(gateway.store, CLI, company_id=tenancy.company, limit=100)
     assert {k.state for k in keys.data} == {"revoked"}
-    await asyncio.sleep(0.2)
-    assert any(u.company_id == tenancy.company for u in gateway.store.list_usage())
+    await wait_usage(gateway.store,
+                     lambda rows: any(u.company_id == tenancy.company for u in rows))
     r = await api.get(f"/api/v2/audit-log?target=company:{tenancy.company}",
                       headers=auth(tenancy.root))
     assert [e["action"] for e in r.json()["data"]] == ["company.create", "company.delete"]

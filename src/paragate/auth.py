@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import AuthenticationFailed
+from .limits.spec import Limit
 from .store.records import KeyRecord
 
 __all__ = [
@@ -53,9 +54,10 @@ class Principal:
     role: str  # admin | company_admin | user (see access.py)
     key_manager: bool
     model_ids: frozenset[int] | None  # None: every model the company may use
-    rate_limit_rpm: int | None  # None: no limit
     expires_at: float | None  # a Unix time (the key's, or its old secret's), or None
     usage_opt_in: bool
+    limits: tuple[Limit, ...] = ()  # the key's, its user's and its company's
+    allow_priority: bool = False  # the company may set vLLM's scheduling fields
 
 
 def hash_secret(secret: str) -> str:

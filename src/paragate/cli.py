@@ -51,8 +51,55 @@ def _settings(**overrides: Any) -> Settings:
 
 def _store() -> Store:
     store = Store(_settings().database_url)
+    click.get_current_context().call_on_close(store.close)  # its connections, when done
     store.migrate()
     return store
+
+
+_LIMIT_OPTIONS = (
+    ("rpm", "Requests per minute (a bucket of that many, refilled continuously)."),
+    ("tpm", "Tokens (prompt + completion) per minute."),
+    ("max-concurrent", "Requests in flight at once."),
+    ("daily-tokens", "Tokens per UTC day."),
+    ("monthly-tokens", "Tokens per UTC month."),
+)
+
+
+def _limit_options(update: bool) -> Callable[[F], F]:
+    """--rpm, --tpm, --max-concurrent, --daily-tokens, --monthly-tokens (and, on an
+    update, --remove-limit KIND); see docs/limits.md."""
+    def decorate(f: F) -> F:
+        options = [click.option(f"--{name}", type=click.IntRange(min=1), help=text)
+                   for name, text in _LIMIT_OPTIONS]
+        if update:
+            options.append(click.option(
+                "--remove-limit", "remove_limit", multiple=True,
+                type=click.Choice([n for n, _ in _LIMIT_OPTIONS]),
+                help="Remove this limit; repeatable."))
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _rate_limits(options: dict[str, Any], update: bool) -> dict[str, Any] | None:
+    """Take the limit options out of ``options``: the ``rate_limits`` they make (on an
+    update: the kinds to change, None for those removed), or None when none given."""
+    limits: dict[str, Any] = {}
+    for name, _ in _LIMIT_OPTIONS:
+        value = options.pop(name.replace("-", "_"))
+        if value is not None:
+            limits[name.replace("-", "_")] = value
+    for name in options.pop("remove_limit", ()) if update else ():
+        kind = name.replace("-", "_")
+        if kind in limits:
+            _fail(f"--remove-limit {name} and --{name} contradict each other")
+        limits[kind] = None
+    return limits or None
+
+
+def _show_limits(limits: dict[str, int] | None) -> str:
+    return " ".join(f"{k.replace('_', '-')}={v}" for k, v in (limits or {}).items()) or "-"
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
@@ -97,7 +144,13 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     import uvicorn
 
     settings = _settings(host=host, port=port, workers=workers)
-    Store(settings.database_url).migrate()  # once, before the workers start
+    store = Store(settings.database_url)
+    try:
+        store.migrate()  # once, before the workers start
+        if settings.workers > 1 and not settings.redis_url:
+            _check_limits_per_process(store, settings)
+    finally:
+        store.close()
     # uvicorn configures its own loggers only: paragate's go to the same handler
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["paragate"] = {"handlers": ["default"], "propagate": False,
@@ -122,6 +175,22 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         timeout_graceful_shutdown=math.ceil(max(
             settings.shutdown_timeout - settings.shutdown_delay, 0)) + 2,
     )
+
+
+def _check_limits_per_process(store: Store, settings: Settings) -> None:
+    """Several workers and no Redis: each would count the limits on its own."""
+    limited = store.has_rate_limits()
+    if limited and not settings.limits_per_process:
+        _fail(f"rate limits are configured and --workers is {settings.workers} without "
+              "Redis: each worker would count them on its own, letting through up to "
+              f"{settings.workers} times as much. Set PARAGATE_REDIS_URL (limits shared by "
+              "every worker and instance), or PARAGATE_LIMITS_PER_PROCESS=true to accept "
+              "per-process counting.")
+    click.echo(f"WARNING: {settings.workers} workers without PARAGATE_REDIS_URL: rate limits "
+               "and budgets are counted by each worker on its own"
+               + (" (PARAGATE_LIMITS_PER_PROCESS=true)." if limited else
+                  "; limits set later will not hold until Redis is configured."),
+               err=True)
 
 
 @cli.command("settings")
@@ -186,14 +255,20 @@ def companies() -> None:
 
 @companies.command("create")
 @click.argument("name")
-def companies_create(name: str) -> None:
-    """Create a company; its id is printed alone on the last line.
+@_limit_options(update=False)
+@click.option("--allow-priority", is_flag=True,
+              help="Its keys may set vLLM's scheduling `priority`.")
+def companies_create(name: str, allow_priority: bool, **options: Any) -> None:
+    """Create a company; its id is printed alone on the last line. Its limits apply to
+    all its users' requests together.
 
     \b
     Example:
-      COMPANY=$(paragate companies create "ACME Research" | tail -n 1)
+      COMPANY=$(paragate companies create "ACME Research" --daily-tokens 5000000 | tail -n 1)
     """
-    made = control.companies.create(_store(), CLI, name)
+    made = control.companies.create(_store(), CLI, name,
+                                    rate_limits=_rate_limits(options, update=False),
+                                    allow_priority=allow_priority)
     click.echo(f"created company {made.id} ({made.name})")
     click.echo(made.id)
 
@@ -202,17 +277,32 @@ def companies_create(name: str) -> None:
 def companies_list() -> None:
     """List the companies."""
     store = _store()
-    rows = [[str(c.id), c.name, "yes" if c.builtin else "", _when(c.created_at)]
+    rows = [[str(c.id), c.name, "yes" if c.builtin else "", _show_limits(c.rate_limits),
+             "yes" if c.allow_priority else "no", _when(c.created_at)]
             for c in _all_pages(lambda **kw: control.companies.list_(store, CLI, **kw))]
-    _table(rows, ["ID", "NAME", "BUILT-IN", "CREATED"])
+    _table(rows, ["ID", "NAME", "BUILT-IN", "LIMITS", "PRIORITY", "CREATED"])
 
 
 @companies.command("update")
 @click.argument("company_id", type=int)
-@click.option("--name", required=True, help="The new name.")
-def companies_update(company_id: int, name: str) -> None:
-    """Rename a company."""
-    done = control.companies.update(_store(), CLI, company_id, name=name)
+@click.option("--name", help="The new name.")
+@_limit_options(update=True)
+@click.option("--allow-priority/--no-allow-priority", default=None,
+              help="May its keys set vLLM's scheduling `priority`.")
+def companies_update(company_id: int, name: str | None, allow_priority: bool | None,
+                     **options: Any) -> None:
+    """Rename a company or change its limits; only the options given change."""
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    limits = _rate_limits(options, update=True)
+    if limits is not None:
+        changes["rate_limits"] = limits
+    if allow_priority is not None:
+        changes["allow_priority"] = allow_priority
+    if not changes:
+        _fail("nothing to change: give at least one option")
+    done = control.companies.update(_store(), CLI, company_id, **changes)
     click.echo(f"updated company {done.id} ({done.name})")
 
 
@@ -237,8 +327,9 @@ def users() -> None:
 @click.option("--role", type=click.Choice(ROLES), default=USER, show_default=True,
               help="admin: everything; company_admin: their company; user: their keys.")
 @click.option("--key-manager", is_flag=True, help="May create and rotate their own keys.")
+@_limit_options(update=False)
 def users_create(company_id: int, email: str, name: str, role: str,
-                 key_manager: bool) -> None:
+                 key_manager: bool, **options: Any) -> None:
     """Create a user; its id is printed alone on the last line.
 
     \b
@@ -246,7 +337,8 @@ def users_create(company_id: int, email: str, name: str, role: str,
       USER=$(paragate users create --company 2 --email ana@acme.example --key-manager | tail -n 1)
     """
     made = control.users.create(_store(), CLI, company_id=company_id, email=email,
-                                name=name, role=role, key_manager=key_manager)
+                                name=name, role=role, key_manager=key_manager,
+                                rate_limits=_rate_limits(options, update=False))
     click.echo(f"created user {made.id} ({made.email}, {made.role})")
     click.echo(made.id)
 
@@ -259,8 +351,10 @@ def users_list(company_id: int | None) -> None:
     found = _all_pages(lambda **kw: control.users.list_(store, CLI, **kw),
                        company_id=company_id)
     rows = [[str(u.id), str(u.company_id), u.email, u.name, u.role,
-             "yes" if u.key_manager else "no", u.builtin or ""] for u in found]
-    _table(rows, ["ID", "COMPANY", "EMAIL", "NAME", "ROLE", "KEY MANAGER", "BUILT-IN"])
+             "yes" if u.key_manager else "no", u.builtin or "", _show_limits(u.rate_limits)]
+            for u in found]
+    _table(rows, ["ID", "COMPANY", "EMAIL", "NAME", "ROLE", "KEY MANAGER", "BUILT-IN",
+                  "LIMITS"])
 
 
 @users.command("update")
@@ -270,9 +364,13 @@ def users_list(company_id: int | None) -> None:
 @click.option("--role", type=click.Choice(ROLES), help="A new role.")
 @click.option("--key-manager/--no-key-manager", default=None,
               help="Grant or withdraw the key_manager permission.")
+@_limit_options(update=True)
 def users_update(user_id: int, **options: Any) -> None:
     """Change a user; only the options given change."""
+    limits = _rate_limits(options, update=True)
     changes = {k: v for k, v in options.items() if v is not None}
+    if limits is not None:
+        changes["rate_limits"] = limits
     if not changes:
         _fail("nothing to change: give at least one option")
     done = control.users.update(_store(), CLI, user_id, **changes)
@@ -302,13 +400,14 @@ def keys() -> None:
 @click.option("--admin", is_flag=True, help="A key of the built-in system admin.")
 @click.option("--models", "models_", help="Comma-separated models the key may use "
               "[default: every model its company may use].")
+@_limit_options(update=False)
 @click.option("--rate-limit-rpm", type=click.IntRange(min=1),
-              help="Requests per minute the key may send, counted per gateway process "
-              "[default: no limit].")
+              help="The older name of --rpm.")
 @click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True),
               help="Expire the key after this many days [default: never].")
 def keys_create(name: str, user_id: int | None, admin: bool, models_: str | None,
-                rate_limit_rpm: int | None, expires_in_days: float | None) -> None:
+                rate_limit_rpm: int | None, expires_in_days: float | None,
+                **options: Any) -> None:
     """Create a key. Its secret is printed once, alone on the last line of stdout.
 
     \b
@@ -323,8 +422,8 @@ def keys_create(name: str, user_id: int | None, admin: bool, models_: str | None
     settings = _settings()
     made = control.keys.create(
         _store(), CLI, name=name, user_id=user_id, builtin=builtin, models=allowed,
-        expires_at=expires, rate_limit_rpm=rate_limit_rpm,
-        max_keys=settings.max_keys_per_user)
+        expires_at=expires, rate_limits=_rate_limits(options, update=False),
+        rate_limit_rpm=rate_limit_rpm, max_keys=settings.max_keys_per_user)
     kind = "admin key" if admin else "key"
     click.echo(f"created {kind} {made.record.public_id} ({name}) for user "
                f"{made.record.user_id}; store the secret now, it is not kept:")
@@ -342,10 +441,53 @@ def keys_list(user_id: int | None, company_id: int | None, state: str | None) ->
                        company_id=company_id, state=state)
     rows = [[k.record.public_id, k.record.name, str(k.record.user_id), str(k.company_id),
              k.state, ",".join(k.models) if k.models is not None else "*",
-             str(k.record.rate_limit_rpm or "-"), _when(k.record.created_at),
+             _show_limits(k.record.rate_limits), _when(k.record.created_at),
              _when(k.record.expires_at), _when(k.record.last_used_at)] for k in found]
-    _table(rows, ["ID", "NAME", "USER", "COMPANY", "STATE", "MODELS", "RPM", "CREATED",
+    _table(rows, ["ID", "NAME", "USER", "COMPANY", "STATE", "MODELS", "LIMITS", "CREATED",
                   "EXPIRES", "LAST USED"])
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--name", help="A new name.")
+@click.option("--models", "models_", help="Comma-separated models the key may use.")
+@click.option("--all-models", is_flag=True, help="Every model its company may use.")
+@click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True),
+              help="Expire the key this many days from now.")
+@click.option("--never-expires", is_flag=True, help="Remove the key's expiry.")
+@click.option("--usage-opt-in/--no-usage-opt-in", default=None,
+              help="Keep usage records of its requests (limits count them either way).")
+@_limit_options(update=True)
+def keys_update(key_id: str, name: str | None, models_: str | None, all_models: bool,
+                expires_in_days: float | None, never_expires: bool,
+                usage_opt_in: bool | None, **options: Any) -> None:
+    """Change a key (the 12 characters after `pg-`); only the options given change."""
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    if models_ is not None and all_models:
+        _fail("--models and --all-models contradict each other")
+    if models_ is not None:
+        changes["models"] = [m.strip() for m in models_.split(",") if m.strip()]
+    if all_models:
+        changes["models"] = None
+    if expires_in_days is not None and never_expires:
+        _fail("--expires-in-days and --never-expires contradict each other")
+    if expires_in_days is not None:
+        changes["expires_at"] = datetime.now(UTC) + timedelta(days=expires_in_days)
+    if never_expires:
+        changes["expires_at"] = None
+    if usage_opt_in is not None:
+        changes["usage_opt_in"] = usage_opt_in
+    limits = _rate_limits(options, update=True)
+    if limits is not None:
+        changes["rate_limits"] = limits
+    if not changes:
+        _fail("nothing to change: give at least one option")
+    done = control.keys.update(_store(), CLI, key_id, max_keys=_settings().max_keys_per_user,
+                               **changes)
+    click.echo(f"updated {done.record.public_id} ({done.record.name}); limits: "
+               f"{_show_limits(done.record.rate_limits)}")
 
 
 @keys.command("revoke")
@@ -390,6 +532,14 @@ def _model_options(f: F) -> F:
                      help="`max_tokens` used when a request gives none."),
         click.option("--max-tokens-limit", type=click.IntRange(min=1),
                      help="Largest `max_tokens` a request may ask for."),
+        click.option("--max-prompts", type=click.IntRange(min=1),
+                     help="Most prompts in one request's list [default: "
+                     "PARAGATE_MAX_PROMPTS]."),
+        click.option("--max-n", type=click.IntRange(1, 128),
+                     help="Largest `n` and `best_of` [default: PARAGATE_MAX_N]."),
+        click.option("--max-request-tokens", type=click.IntRange(min=1),
+                     help="Most tokens one request may reserve [default: "
+                     "PARAGATE_MAX_REQUEST_TOKENS]."),
         click.option("--connect-timeout", type=_SECONDS, help="Seconds to connect to a "
                      "replica [default: PARAGATE_UPSTREAM_CONNECT_TIMEOUT]."),
         click.option("--first-byte-timeout", type=_SECONDS, help="Seconds until vLLM's "
@@ -415,7 +565,8 @@ _UNSETTABLE = {"upstream-api-key": "upstream_api_key", "max-logprobs": "max_logp
                "default-max-tokens": "default_max_tokens",
                "max-tokens-limit": "max_tokens_limit", "connect-timeout": "connect_timeout",
                "first-byte-timeout": "first_byte_timeout", "idle-timeout": "idle_timeout",
-               "total-timeout": "total_timeout"}
+               "total-timeout": "total_timeout", "max-prompts": "max_prompts",
+               "max-n": "max_n", "max-request-tokens": "max_request_tokens"}
 
 
 @cli.group()
@@ -430,6 +581,7 @@ def models() -> None:
 @click.option("--companies", "companies_", help="Comma-separated ids of the companies it "
               "is enabled for [default: every company].")
 @click.option("--disabled", is_flag=True, help="Add it disabled.")
+@_limit_options(update=False)
 def models_add(name: str, upstream: str, companies_: str | None, disabled: bool,
                type_: str | None, **options: Any) -> None:
     """Register a model served by vLLM at --upstream.
@@ -439,7 +591,10 @@ def models_add(name: str, upstream: str, companies_: str | None, disabled: bool,
       paragate models add alfred-4.2 --upstream http://gpu-1:8000/v1 \\
           --upstream-model /models/alfred-4.2-awq --max-tokens-limit 4096
     """
+    limits = _rate_limits(options, update=False)
     fields = {k: v for k, v in options.items() if v is not None}
+    if limits is not None:
+        fields["rate_limits"] = limits
     record = control.models.create(
         _store(), CLI, name, upstream_url=upstream, enabled=not disabled,
         company_ids=_ids(companies_, "--companies"), type=type_ or "llm", **fields)
@@ -457,11 +612,15 @@ def models_add(name: str, upstream: str, companies_: str | None, disabled: bool,
 @click.option("--enable/--disable", default=None, help="Enable or disable the model.")
 @click.option("--unset", "unset", multiple=True, type=click.Choice(sorted(_UNSETTABLE)),
               help="Remove a limit or the upstream key (back to the default); repeatable.")
+@_limit_options(update=True)
 def models_update(name: str, upstream: str | None, rename: str | None,
                   companies_: str | None, all_companies: bool, type_: str | None,
                   unset: tuple[str, ...], **options: Any) -> None:
     """Change a model; only the options given change."""
+    limits = _rate_limits(options, update=True)
     changes = {k: v for k, v in options.items() if v is not None}
+    if limits is not None:
+        changes["rate_limits"] = limits
     for option in unset:
         field = _UNSETTABLE[option]
         if field in changes:
@@ -590,7 +749,10 @@ def _limits(m: ModelRecord) -> str:
         ("max-logprobs", m.max_logprobs), ("default-max-tokens", m.default_max_tokens),
         ("max-tokens-limit", m.max_tokens_limit), ("connect-timeout", m.connect_timeout),
         ("first-byte-timeout", m.first_byte_timeout), ("idle-timeout", m.idle_timeout),
-        ("total-timeout", m.total_timeout)) if value is not None]
+        ("total-timeout", m.total_timeout), ("max-prompts", m.max_prompts),
+        ("max-n", m.max_n), ("max-request-tokens", m.max_request_tokens),
+        *((k.replace("_", "-"), v) for k, v in (m.rate_limits or {}).items()))
+        if value is not None]
     return " ".join(parts) or "-"
 
 

@@ -201,6 +201,69 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a key's old secret keeps working after the key is rotated (0: none).",
     ),
     Setting(
+        "redis_url",
+        "",
+        "Redis for rate limits and budgets shared by every gateway process and instance "
+        "(e.g. redis://127.0.0.1:6379/0; rediss:// for TLS). Empty: limits are counted "
+        "in this process (one instance, one worker).",
+    ),
+    Setting(
+        "redis_prefix",
+        "paragate",
+        "Namespace of paragate's keys in Redis (the hash tag `{<prefix>}` starts every "
+        "key): deployments sharing one Redis need different ones.",
+    ),
+    Setting(
+        "redis_timeout",
+        0.25,
+        "Seconds a Redis answer may take before Redis counts as unreachable.",
+    ),
+    Setting(
+        "limits_fail_mode",
+        "open",
+        "While Redis is unreachable: `open` admits requests without counting them against "
+        "limits (logged, and every usage record is still kept), `closed` refuses them "
+        "with 503 `limits_unavailable`.",
+    ),
+    Setting(
+        "limits_per_process",
+        False,
+        "Allow `--workers` above 1 without Redis while limits are configured: each "
+        "worker then counts on its own, so a limit lets through up to workers times as "
+        "much.",
+    ),
+    Setting(
+        "limits_reservation_ttl",
+        60.0,
+        "Seconds a request's reservation (its concurrency slot, its budget tokens) lives "
+        "in Redis unless renewed; the gateway renews those of requests in flight, so a "
+        "reservation outlives a dead gateway by at most this long.",
+    ),
+    Setting(
+        "max_prompts",
+        64,
+        "Most prompts one request may send in a list, unless the model sets its own.",
+    ),
+    Setting(
+        "max_n",
+        16,
+        "Largest `n` (and `best_of`) one request may ask for, unless the model sets its "
+        "own.",
+    ),
+    Setting(
+        "max_request_tokens",
+        1_000_000,
+        "Most tokens one request may reserve (estimated prompt plus `max_tokens` times "
+        "completions), unless the model sets its own.",
+    ),
+    Setting(
+        "reserve_max_tokens",
+        16384,
+        "The `max_tokens` reserved for a request that sets none when its model has "
+        "neither `default_max_tokens` nor `max_tokens_limit` (set the model's "
+        "`max_tokens_limit` to its context length for exact reservations).",
+    ),
+    Setting(
         "trusted_proxies",
         "",
         "Comma-separated networks (e.g. 10.0.0.0/8,127.0.0.1) of load balancers whose "
@@ -258,6 +321,16 @@ class Settings:
     default_key_days: int = 180
     max_keys_per_user: int = 5
     key_rotation_grace: int = 86400
+    redis_url: str = ""
+    redis_prefix: str = "paragate"
+    redis_timeout: float = 0.25
+    limits_fail_mode: str = "open"
+    limits_per_process: bool = False
+    limits_reservation_ttl: float = 60.0
+    max_prompts: int = 64
+    max_n: int = 16
+    max_request_tokens: int = 1_000_000
+    reserve_max_tokens: int = 16384
     trusted_proxies: str = ""
 
     def journal_path(self) -> Path:
@@ -334,6 +407,18 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("max_view_age: must be 0 or longer than refresh_interval")
     if settings.journal_fsync not in ("always", "interval", "never"):
         raise ConfigError("journal_fsync: expected always, interval or never")
+    if settings.limits_fail_mode not in ("open", "closed"):
+        raise ConfigError("limits_fail_mode: expected open or closed")
+    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://")):
+        raise ConfigError("redis_url: expected redis://host:port/db or rediss://...")
+    if not settings.redis_prefix or any(c in settings.redis_prefix for c in "{} \t\r\n"):
+        raise ConfigError("redis_prefix: must be non-empty, without braces or spaces")
+    for name in ("redis_timeout", "limits_reservation_ttl"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name}: must be greater than 0")
+    for name in ("max_prompts", "max_n", "max_request_tokens", "reserve_max_tokens"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1")
     if settings.max_keys_per_user < 1:
         raise ConfigError("max_keys_per_user: must be at least 1")
     try:

@@ -12,6 +12,7 @@ Hierarchy::
     GatewayError                      500 server_error / internal_error
     ├── InvalidRequest                400 invalid_request_error / invalid_value
     │   ├── RequestTooLarge           413 invalid_request_error / request_too_large
+    │   ├── ReservationTooLarge       400 invalid_request_error / reservation_too_large
     │   └── UnsupportedMediaType      415 invalid_request_error / unsupported_media_type
     ├── AuthenticationFailed          401 authentication_error / invalid_api_key
     ├── PermissionDenied              403 permission_error / permission_denied
@@ -20,6 +21,9 @@ Hierarchy::
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
     ├── Conflict                      409 invalid_request_error / conflict
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded
+    │   ├── ConcurrencyLimited        429 rate_limit_error / concurrency_limit_exceeded
+    │   └── BudgetExceeded            429 rate_limit_error / budget_exceeded
+    ├── LimitsUnavailable             503 server_error / limits_unavailable
     ├── ViewTooOld                    503 server_error / control_plane_unavailable
     ├── ShuttingDown                  503 server_error / shutting_down
     ├── UpstreamRejected              4xx (vLLM's status, type and message) / upstream_error
@@ -36,9 +40,12 @@ import msgspec
 
 __all__ = [
     "AuthenticationFailed",
+    "BudgetExceeded",
+    "ConcurrencyLimited",
     "Conflict",
     "GatewayError",
     "InvalidRequest",
+    "LimitsUnavailable",
     "MethodNotAllowed",
     "ModelNotFound",
     "NoReplica",
@@ -46,6 +53,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RequestTooLarge",
+    "ReservationTooLarge",
     "ShuttingDown",
     "UnsupportedMediaType",
     "UpstreamConnectTimeout",
@@ -112,6 +120,13 @@ class InvalidRequest(GatewayError):
 class RequestTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"
+
+
+class ReservationTooLarge(InvalidRequest):
+    """A request whose worst case exceeds what a limit could ever admit (a per-minute
+    capacity, a whole budget) or the model's cap on one request's tokens."""
+
+    default_code = "reservation_too_large"
 
 
 class UnsupportedMediaType(InvalidRequest):
@@ -187,8 +202,28 @@ class RateLimited(GatewayError):
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message, headers={"retry-after": str(retry_after)})
+    def __init__(self, message: str, retry_after: int,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after), **(headers or {})})
+
+
+class ConcurrencyLimited(RateLimited):
+    default_code = "concurrency_limit_exceeded"
+
+
+class BudgetExceeded(RateLimited):
+    """A daily or monthly token budget cannot hold the request's reservation; the
+    message says when it is whole again (``Retry-After`` too)."""
+
+    default_code = "budget_exceeded"
+
+
+class LimitsUnavailable(GatewayError):
+    """Redis cannot be reached and ``PARAGATE_LIMITS_FAIL_MODE`` is ``closed``."""
+
+    status = 503
+    type = "server_error"
+    default_code = "limits_unavailable"
 
 
 class UpstreamRejected(GatewayError):

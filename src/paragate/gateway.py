@@ -13,9 +13,9 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from . import limits
 from .background import StoreThread
 from .config import Settings
-from .limits import RateLimiter
 from .refresher import Refresher
 from .registry import Registry
 from .shutdown import Shutdown
@@ -57,7 +57,7 @@ class Gateway:
     shutdown: Shutdown
     balancer: Balancer
     health: HealthChecker
-    limiter: RateLimiter = field(default_factory=RateLimiter)
+    limiter: limits.Limiter
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -71,7 +71,9 @@ class Gateway:
                                 connect=settings.upstream_connect_timeout,
                                 first_byte=settings.upstream_read_timeout,
                                 idle=settings.upstream_read_timeout),
-                            max_view_age=settings.max_view_age)
+                            max_view_age=settings.max_view_age,
+                            default_caps=(settings.max_prompts, settings.max_n,
+                                          settings.max_request_tokens))
         journal = Journal(settings.journal_path(), settings.database_url,
                           fsync=settings.journal_fsync,
                           fsync_interval=settings.journal_fsync_interval)
@@ -111,6 +113,7 @@ class Gateway:
             usage_thread=usage_thread,
             catch_up_thread=catch_up_thread,
             admin_thread=StoreThread("paragate-admin"),
+            limiter=limits.build(settings, store, usage_thread),
             shutdown=Shutdown(settings.shutdown_delay, settings.shutdown_timeout),
             balancer=balancer,
             health=HealthChecker(balancer, fleets, interval=settings.health_interval,
@@ -124,6 +127,7 @@ class Gateway:
         self.health.sync()  # every replica has its state before the first request
         await self.health.resolve_all()  # and every discovered one its addresses
         self.journal.open()
+        await self.limiter.start()
         self._tasks = [
             asyncio.create_task(self.refresher.run(), name="paragate-refresh"),
             asyncio.create_task(self.writer.run(), name="paragate-usage"),
@@ -162,6 +166,7 @@ class Gateway:
             await refresh
         self.writer.stop()  # it writes what it can, then returns
         self.touches.stop()
+        await self.limiter.stop()  # its last settlements and counters
         await usage
         await touches
         self.journal.close()  # what could not be written stays for the next start

@@ -55,6 +55,16 @@ def _error_response(description: str) -> dict[str, Any]:
         "schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+# OpenAI's, on every answer to a request that a limit applied to (docs/limits.md)
+_RATE_HEADERS = {
+    f"x-ratelimit-{what}-{kind}": {"description": text.format(kind=kind),
+                                   "schema": {"type": "string" if what == "reset"
+                                              else "integer"}}
+    for kind in ("requests", "tokens")
+    for what, text in (("limit", "The tightest {kind} limit that applied."),
+                       ("remaining", "What it has left after this request."),
+                       ("reset", "Until it is whole again: `20ms`, `1.5s`, `6m0s`."))}
+
 _ERRORS = {
     "400": _error_response("Invalid request (the envelope names the field in `param`)."),
     "401": _error_response("Missing, malformed, unknown, revoked or expired API key."),
@@ -62,11 +72,16 @@ _ERRORS = {
     "405": _error_response("Method not allowed."),
     "413": _error_response("Request body too large."),
     "415": _error_response("Unsupported content type."),
-    "429": {**_error_response("The key's rate limit is spent (`rate_limit_exceeded`)."),
+    "403": _error_response("`priority` set by a key whose company may not "
+                           "(`priority_not_allowed`)."),
+    "429": {**_error_response("A limit of the key, its user, its company or the model "
+                              "cannot hold the request (`rate_limit_exceeded`, "
+                              "`concurrency_limit_exceeded`, `budget_exceeded`)."),
             "headers": {"Retry-After": {"description": "Seconds until a request may succeed.",
                                         "schema": {"type": "integer"}}}},
     "502": _error_response("The model server failed."),
-    "503": _error_response("The model server is unreachable."),
+    "503": _error_response("The model server is unreachable (or, with "
+                           "`PARAGATE_LIMITS_FAIL_MODE=closed`, Redis: `limits_unavailable`)."),
     "504": _error_response("The model server timed out."),
 }
 
@@ -287,6 +302,7 @@ def document() -> dict[str, Any]:
                     "200": {
                         "description": "A completion (JSON), or with `stream: true` "
                                        "server-sent events ending with `data: [DONE]`.",
+                        "headers": _RATE_HEADERS,
                         "content": {
                             "application/json": {
                                 "schema": {"$ref": "#/components/schemas/CompletionsResponse"}},

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from .errors import InvalidRequest, UnsupportedMediaType
+from .errors import InvalidRequest, PermissionDenied, ReservationTooLarge, UnsupportedMediaType
 
 __all__ = ["FIELDS", "CompletionRequest", "Field", "parse_request"]
 
@@ -146,6 +146,71 @@ class CompletionRequest:
             return self.raw
         body["model"] = upstream_model
         return msgspec.json.encode(body)
+
+
+    def check_caps(self, *, max_prompts: int, max_n: int, allow_priority: bool) -> None:
+        """What one request may carry whatever the limits: the model's caps on the
+        prompts in a list and on ``n`` and ``best_of``; vLLM's scheduling fields only
+        for a company allowed to set them."""
+        body = self.body
+        prompts = prompt_count(body["prompt"])
+        if prompts > max_prompts:
+            raise InvalidRequest(f"'prompt' may hold at most {max_prompts} prompts for model "
+                                 f"'{self.model}', got {prompts}.", param="prompt")
+        for name in ("n", "best_of"):
+            value = body.get(name)
+            if value is not None and value > max_n:
+                raise InvalidRequest(f"'{name}' must be at most {max_n} for model "
+                                     f"'{self.model}', got {value}.", param=name)
+        priority = body.get("priority")
+        if priority is not None and priority != 0 and not allow_priority:
+            raise PermissionDenied("'priority' changes how vLLM schedules everyone's "
+                                   "requests; this key's company may not set it.",
+                                   param="priority", code="priority_not_allowed")
+
+    def reservation(self, *, reserve_max_tokens: int, max_request_tokens: int
+                    ) -> tuple[int, int]:
+        """(tokens, prompt): the most tokens the request may use (the prompt's estimate
+        plus ``max_tokens`` for every completion of every prompt) and the prompt's
+        estimate; 400 when above the model's cap. Call after ``upstream_body`` (which
+        applies the model's default ``max_tokens``)."""
+        body = self.body
+        prompt = body["prompt"]
+        estimate = estimate_prompt_tokens(prompt)
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = reserve_max_tokens
+        sequences = max(self.n, body.get("best_of") or 1)
+        tokens = estimate + max_tokens * sequences * prompt_count(prompt)
+        if tokens > max_request_tokens:
+            raise ReservationTooLarge(
+                f"This request may use up to {tokens} tokens (its prompt, estimated, plus "
+                f"max_tokens for each completion), more than the {max_request_tokens} one "
+                f"request may use on model '{self.model}'; lower max_tokens or n.",
+                param="max_tokens")
+        return tokens, estimate
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts: one string or one list of token ids, else the list's length."""
+    if isinstance(prompt, str) or (prompt and not isinstance(prompt[0], str | list)):
+        return 1
+    return len(prompt)
+
+
+def estimate_prompt_tokens(prompt: Any) -> int:
+    """The prompt's tokens, never fewer than vLLM counts for text: a string's UTF-8
+    bytes plus two (a tokenizer's start token, and the word-start marker SentencePiece
+    puts in front of the text; every other token holds at least a byte), a list of
+    token ids its length."""
+    if isinstance(prompt, str):
+        return len(prompt.encode("utf-8", "surrogatepass")) + 2
+    first = prompt[0]
+    if isinstance(first, str):
+        return sum(len(p.encode("utf-8", "surrogatepass")) + 2 for p in prompt)
+    if isinstance(first, list):
+        return sum(len(p) for p in prompt)
+    return len(prompt)
 
 
 # -- decoding --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -32,6 +33,7 @@ __all__ = ["Target", "relay_json", "relay_stream", "upstream_rejection"]
 log = logging.getLogger("paragate.proxy")
 
 _DONE = b"data: [DONE]"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -88,6 +90,7 @@ class Target:
     upstream_model: str
     timeouts: Timeouts | None = None  # the model's; None: the pool's defaults
     affinity: int | None = None  # the request's affinity key (``balancer.affinity_key``)
+    headers: Sequence[tuple[bytes, bytes]] = ()  # more answer headers (x-ratelimit-*)
 
     def model_rewriter(self) -> tuple[bytes, bytes] | None:
         """(old, new) bytes of the ``model`` member, or None when the names agree.
@@ -177,7 +180,8 @@ async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchang
         data = data.replace(rewrite[0], rewrite[1], 1)
     ex.status, ex.outcome = 200, "ok"
     ex.finish()  # journaled before the answer leaves
-    await start_response(send, 200, [(b"content-type", b"application/json")])
+    await start_response(send, 200, [(b"content-type", b"application/json"),
+                                     *target.headers] if target.headers else _JSON_HEADERS)
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
@@ -328,7 +332,8 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
             except GatewayError:
                 data = b""
             raise upstream_rejection(resp.status, data)
-        await start_response(send, 200, _SSE_HEADERS)
+        await start_response(send, 200, [*_SSE_HEADERS, *target.headers]
+                             if target.headers else _SSE_HEADERS)
         ex.status = 200
         pending = b""
         chunks = resp.iter_chunks().__aiter__()

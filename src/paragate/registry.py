@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from .auth import REVOKED, Principal, check_key
 from .config import Settings
 from .errors import AuthenticationFailed, ModelNotFound, ViewTooOld
+from .limits.spec import Limit, limits_of
 from .store import Changes, CompanyRecord, KeyRecord, ModelRecord, ReplicaRecord, UserRecord
 from .upstream.pool import Timeouts
 
@@ -48,6 +49,12 @@ class Route:
     timeouts: Timeouts | None = None  # its own where set, else the gateway's
     timeouts_set: tuple[float | None, ...] = (None, None, None, None)  # as configured
     affinity: str = "none"  # none | prefix | user
+    limits: tuple[Limit, ...] = ()  # for all its callers together
+    limits_set: dict[str, int] | None = None  # as configured
+    max_prompts: int = 64  # the caps on one request (the model's, else the defaults)
+    max_n: int = 16
+    max_request_tokens: int = 1_000_000
+    caps_set: tuple[int | None, ...] = (None, None, None)  # as configured
 
     def open_to(self, company_id: int) -> bool:
         return self.company_ids is None or company_id in self.company_ids
@@ -69,9 +76,12 @@ class Registry:
     """The current view, and the questions the request path asks of it."""
 
     def __init__(self, *, default_max_logprobs: int, max_view_age: float = 0.0,
-                 default_timeouts: Timeouts | None = None) -> None:
+                 default_timeouts: Timeouts | None = None,
+                 default_caps: tuple[int, int, int] | None = None) -> None:
         self._default_max_logprobs = default_max_logprobs
         defaults = Settings()
+        self._default_caps = default_caps or (defaults.max_prompts, defaults.max_n,
+                                              defaults.max_request_tokens)
         self._default_timeouts = default_timeouts or Timeouts(
             defaults.upstream_connect_timeout, defaults.upstream_read_timeout,
             defaults.upstream_read_timeout)
@@ -180,6 +190,12 @@ class Registry:
             timeouts_set=(m.connect_timeout, m.first_byte_timeout, m.idle_timeout,
                           m.total_timeout),
             affinity=m.affinity,
+            limits=limits_of("m", m.id, m.rate_limits),
+            limits_set=m.rate_limits,
+            max_prompts=m.max_prompts or self._default_caps[0],
+            max_n=m.max_n or self._default_caps[1],
+            max_request_tokens=m.max_request_tokens or self._default_caps[2],
+            caps_set=(m.max_prompts, m.max_n, m.max_request_tokens),
         )
 
     def _timeouts(self, m: ModelRecord) -> Timeouts:
@@ -219,9 +235,12 @@ class Registry:
             role=user.role,
             key_manager=user.key_manager,
             model_ids=frozenset(record.model_ids) if record.model_ids is not None else None,
-            rate_limit_rpm=record.rate_limit_rpm,
             expires_at=until,
             usage_opt_in=record.usage_opt_in,
+            limits=(limits_of("k", record.id, record.rate_limits)
+                    + limits_of("u", user.id, user.rate_limits)
+                    + limits_of("c", company.id, company.rate_limits)),
+            allow_priority=company.allow_priority,
         )
         if len(self._checked) >= _MAX_CHECKED:
             self._checked = {}

@@ -76,14 +76,22 @@ async def completions(gw: Gateway, r: Request) -> None:
         ex.model, ex.stream, ex.n = req.model, req.stream, req.n
         route = gw.registry.resolve(r.caller, req.model)
         ex.model, ex.model_id = route.name, route.id
+        who = r.caller
+        req.check_caps(max_prompts=route.max_prompts, max_n=route.max_n,
+                       allow_priority=who.allow_priority)
         body = req.upstream_body(  # the model's own limits (logprobs, max_tokens) apply
             route.upstream_model,
             max_logprobs=route.max_logprobs,
             default_max_tokens=route.default_max_tokens,
             max_tokens_limit=route.max_tokens_limit,
         )
+        tokens, prompt = req.reservation(
+            reserve_max_tokens=route.max_tokens_limit or gw.settings.reserve_max_tokens,
+            max_request_tokens=route.max_request_tokens)
         # Last before forwarding, so that only a request that will be sent spends it.
-        gw.limiter.check(r.caller)  # token budgets will be checked here too
+        limits = who.limits + route.limits if route.limits else who.limits
+        if limits:
+            ex.ticket = await gw.limiter.admit(limits, tokens, prompt, route.name)
         target = Target(
             fleet=gw.balancer.fleet(route.id, route.name, route.replicas),
             body=body,
@@ -92,6 +100,7 @@ async def completions(gw: Gateway, r: Request) -> None:
             timeouts=route.timeouts,
             affinity=None if route.affinity == "none" else affinity_key(
                 route.affinity, req.body, gw.settings.affinity_prefix_chars),
+            headers=ex.ticket.headers if ex.ticket is not None else (),
         )
         watcher = asyncio.create_task(hangup.watch(r.receive, task))
         if req.stream:
@@ -117,6 +126,8 @@ async def completions(gw: Gateway, r: Request) -> None:
         raise
     except GatewayError as exc:
         ex.status, ex.error_type = exc.http_status, exc.code
+        if ex.ticket is not None and ex.ticket.headers:  # the limits it was counted in
+            exc.headers.update((k.decode(), v.decode()) for k, v in ex.ticket.headers)
         raise
     except Exception:
         ex.status, ex.error_type = 500, "internal_error"

@@ -26,6 +26,8 @@ __all__ = [
     "Me",
     "Model",
     "ModelList",
+    "RateLimits",
+    "RateLimitsBody",
     "Replica",
     "ReplicaCreate",
     "ReplicaList",
@@ -44,12 +46,27 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
 # -- requests ------------------------------------------------------------------------------
 
 
+class RateLimitsBody(_Body):
+    """Limits on a key, a user, a company or a model (docs/limits.md). On create, each
+    given is set; on update, each given replaces the current one and null removes it."""
+
+    rpm: int | UnsetType | None = UNSET  # requests per minute
+    tpm: int | UnsetType | None = UNSET  # tokens (prompt + completion) per minute
+    max_concurrent: int | UnsetType | None = UNSET  # requests in flight at once
+    daily_tokens: int | UnsetType | None = UNSET  # tokens per UTC day
+    monthly_tokens: int | UnsetType | None = UNSET  # tokens per UTC month
+
+
 class CompanyCreate(_Body):
     name: str
+    rate_limits: RateLimitsBody | None = None
+    allow_priority: bool = False  # its keys may set vLLM's `priority`
 
 
 class CompanyUpdate(_Body):
     name: str | UnsetType = UNSET
+    rate_limits: RateLimitsBody | UnsetType | None = UNSET
+    allow_priority: bool | UnsetType = UNSET
 
 
 class UserCreate(_Body):
@@ -58,6 +75,7 @@ class UserCreate(_Body):
     name: str = ""
     role: Role = "user"
     key_manager: bool = False
+    rate_limits: RateLimitsBody | None = None
 
 
 class UserUpdate(_Body):
@@ -65,6 +83,7 @@ class UserUpdate(_Body):
     name: str | UnsetType = UNSET
     role: Role | UnsetType = UNSET
     key_manager: bool | UnsetType = UNSET
+    rate_limits: RateLimitsBody | UnsetType | None = UNSET
 
 
 class ApiKeyCreate(_Body):
@@ -74,7 +93,8 @@ class ApiKeyCreate(_Body):
     # Unix time; absent: PARAGATE_DEFAULT_KEY_DAYS from now; null: never
     expires_at: int | UnsetType | None = UNSET
     usage_opt_in: bool = True
-    rate_limit_rpm: int | None = None
+    rate_limits: RateLimitsBody | None = None
+    rate_limit_rpm: int | None = None  # the older name of rate_limits.rpm
 
 
 class ApiKeyUpdate(_Body):
@@ -82,13 +102,19 @@ class ApiKeyUpdate(_Body):
     models: list[str] | UnsetType | None = UNSET
     expires_at: int | UnsetType | None = UNSET
     usage_opt_in: bool | UnsetType = UNSET
+    rate_limits: RateLimitsBody | UnsetType | None = UNSET
     rate_limit_rpm: int | UnsetType | None = UNSET
 
 
 class ModelLimits(_Body):
+    """What one request may ask of the model (unset or null: the gateway's default)."""
+
     max_logprobs: int | UnsetType | None = UNSET
     default_max_tokens: int | UnsetType | None = UNSET
     max_tokens_limit: int | UnsetType | None = UNSET
+    max_prompts: int | UnsetType | None = UNSET  # prompts in one request's list
+    max_n: int | UnsetType | None = UNSET  # n and best_of
+    max_request_tokens: int | UnsetType | None = UNSET  # tokens one request may reserve
 
 
 class ModelTimeouts(_Body):
@@ -112,6 +138,7 @@ class ModelCreate(_Body):
     limits: ModelLimits | None = None
     timeouts: ModelTimeouts | None = None
     affinity: Literal["none", "prefix", "user"] = "none"
+    rate_limits: RateLimitsBody | None = None  # for all its callers together
 
 
 class ModelUpdate(_Body):
@@ -126,6 +153,7 @@ class ModelUpdate(_Body):
     limits: ModelLimits | UnsetType = UNSET
     timeouts: ModelTimeouts | UnsetType = UNSET
     affinity: Literal["none", "prefix", "user"] | UnsetType = UNSET
+    rate_limits: RateLimitsBody | UnsetType | None = UNSET
 
 
 class ReplicaCreate(_Body):
@@ -149,12 +177,27 @@ class ReplicaUpdate(_Body):
 
 
 def given(body: msgspec.Struct) -> dict[str, Any]:
-    """The fields a body set (an update changes only those)."""
-    return {f: getattr(body, f) for f in body.__struct_fields__
-            if getattr(body, f) is not UNSET}
+    """The fields a body set (an update changes only those); a ``rate_limits`` object
+    becomes a dict of the kinds it set."""
+    out = {f: getattr(body, f) for f in body.__struct_fields__
+           if getattr(body, f) is not UNSET}
+    limits = out.get("rate_limits")
+    if isinstance(limits, RateLimitsBody):
+        out["rate_limits"] = given(limits)
+    return out
 
 
 # -- answers -------------------------------------------------------------------------------
+
+
+class RateLimits(msgspec.Struct):
+    """The limits set on a key, a user, a company or a model (null: none)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
 
 
 class Company(msgspec.Struct, tag="company", tag_field="object"):
@@ -163,6 +206,8 @@ class Company(msgspec.Struct, tag="company", tag_field="object"):
     builtin: bool
     created_at: int
     updated_at: int
+    rate_limits: RateLimits
+    allow_priority: bool
 
 
 class User(msgspec.Struct, tag="user", tag_field="object"):
@@ -175,6 +220,7 @@ class User(msgspec.Struct, tag="user", tag_field="object"):
     builtin: str | None
     created_at: int
     updated_at: int
+    rate_limits: RateLimits
 
 
 class ApiKey(msgspec.Struct, tag="api_key", tag_field="object"):
@@ -185,7 +231,8 @@ class ApiKey(msgspec.Struct, tag="api_key", tag_field="object"):
     company_id: int
     models: list[str] | None
     usage_opt_in: bool
-    rate_limit_rpm: int | None
+    rate_limit_rpm: int | None  # rate_limits.rpm, by its older name
+    rate_limits: RateLimits
     state: Literal["active", "expired", "revoked"]
     created_at: int
     expires_at: int | None
@@ -199,6 +246,9 @@ class Limits(msgspec.Struct):
     max_logprobs: int | None
     default_max_tokens: int | None
     max_tokens_limit: int | None
+    max_prompts: int | None
+    max_n: int | None
+    max_request_tokens: int | None
 
 
 class Timeouts(msgspec.Struct):
@@ -226,6 +276,7 @@ class Model(msgspec.Struct, tag="model", tag_field="object"):
     limits: Limits | UnsetType = UNSET
     timeouts: Timeouts | UnsetType = UNSET
     affinity: str | UnsetType = UNSET
+    rate_limits: RateLimits | UnsetType = UNSET
 
 
 class Actor(msgspec.Struct):
@@ -374,7 +425,7 @@ class UsageReport(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
-REQUESTS: tuple[type, ...] = (CompanyCreate, CompanyUpdate, UserCreate, UserUpdate,
+REQUESTS: tuple[type, ...] = (RateLimitsBody, CompanyCreate, CompanyUpdate, UserCreate, UserUpdate,
                               ApiKeyCreate, ApiKeyUpdate, ModelCreate, ModelUpdate,
                               ReplicaCreate, ReplicaUpdate)
 RESPONSES: tuple[type, ...] = (Company, CompanyList, User, UserList, ApiKey, ApiKeyList,

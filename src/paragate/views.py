@@ -21,7 +21,7 @@ from .store import AuditRecord, CompanyRecord, ReplicaRecord, UserRecord
 if TYPE_CHECKING:
     from .upstream.balancer import Replica
 
-__all__ = ["audit", "company", "key", "listing", "model", "user"]
+__all__ = ["audit", "company", "key", "listing", "model", "rate_limits", "user"]
 
 
 def _t(value: datetime | None) -> int | None:
@@ -37,16 +37,21 @@ def listing(kind: type, data: Sequence[Any], has_more: bool = False) -> Any:
                 first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
+def rate_limits(limits: dict[str, int] | None) -> s.RateLimits:
+    return s.RateLimits(**limits) if limits else s.RateLimits()
+
+
 def company(c: CompanyRecord) -> s.Company:
     return s.Company(id=c.id, name=c.name, builtin=c.builtin, created_at=_ts(c.created_at),
-                     updated_at=_ts(c.updated_at))
+                     updated_at=_ts(c.updated_at), rate_limits=rate_limits(c.rate_limits),
+                     allow_priority=c.allow_priority)
 
 
 def user(u: UserRecord) -> s.User:
     return s.User(id=u.id, company_id=u.company_id, email=u.email, name=u.name,
                   role=u.role, key_manager=u.key_manager,  # type: ignore[arg-type]
                   builtin=u.builtin, created_at=_ts(u.created_at),
-                  updated_at=_ts(u.updated_at))
+                  updated_at=_ts(u.updated_at), rate_limits=rate_limits(u.rate_limits))
 
 
 def key(k: Key) -> s.ApiKey:
@@ -54,7 +59,9 @@ def key(k: Key) -> s.ApiKey:
     return s.ApiKey(
         id=r.public_id, name=r.name, prefix=f"pg-{r.public_id}", user_id=r.user_id,
         company_id=k.company_id, models=list(k.models) if k.models is not None else None,
-        usage_opt_in=r.usage_opt_in, rate_limit_rpm=r.rate_limit_rpm,
+        usage_opt_in=r.usage_opt_in,
+        rate_limit_rpm=r.rate_limits.get("rpm") if r.rate_limits else None,
+        rate_limits=rate_limits(r.rate_limits),
         state=k.state,  # type: ignore[arg-type]
         created_at=_ts(r.created_at), expires_at=_t(r.expires_at),
         last_used_at=_t(r.last_used_at), revoked_at=_t(r.revoked_at),
@@ -74,7 +81,10 @@ def model(route: Route, config: bool) -> s.Model:
         out.companies = sorted(route.company_ids) if route.company_ids is not None else None
         out.limits = s.Limits(max_logprobs=route.max_logprobs_set,
                               default_max_tokens=route.default_max_tokens,
-                              max_tokens_limit=route.max_tokens_limit)
+                              max_tokens_limit=route.max_tokens_limit,
+                              max_prompts=route.caps_set[0], max_n=route.caps_set[1],
+                              max_request_tokens=route.caps_set[2])
+        out.rate_limits = rate_limits(route.limits_set)
         out.timeouts = s.Timeouts(*route.timeouts_set)
         out.affinity = route.affinity
     return out

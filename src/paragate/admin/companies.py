@@ -22,7 +22,9 @@ async def list_(gw: Gateway, r: Request) -> None:
 
 async def create(gw: Gateway, r: Request) -> None:
     b = await body(gw, r, s.CompanyCreate)
-    made = await run(gw, companies.create, gw.store, actor(gw, r), b.name)
+    fields = s.given(b)
+    made = await run(gw, companies.create, gw.store, actor(gw, r), fields.pop("name"),
+                     **fields)
     await changed(gw)
     await reply(r, 201, views.company(made))
 

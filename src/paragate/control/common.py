@@ -32,6 +32,7 @@ __all__ = [
     "live_company",
     "page",
     "require_admin",
+    "require_limit_setter",
     "require_rank",
 ]
 
@@ -93,6 +94,14 @@ def page(conn: Connection, query: Select[Any], key: Any, after: Any, limit: int
 def require_admin(actor: Actor) -> None:
     if not actor.is_admin:
         raise PermissionDenied("Only system admins may do this.")
+
+
+def require_limit_setter(actor: Actor) -> None:
+    """Rate limits are set by administrators: a user could otherwise lift the limits
+    set on their own keys."""
+    if RANK[actor.role] < RANK["company_admin"]:
+        raise PermissionDenied("Only company admins and system admins may set rate limits.",
+                               param="rate_limits")
 
 
 def require_rank(actor: Actor, role: str, what: str) -> None:

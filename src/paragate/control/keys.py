@@ -16,9 +16,19 @@ from sqlalchemy import update as sql_update
 from ..access import ADMIN, USER
 from ..auth import format_key, new_key, new_secret
 from ..errors import Conflict, InvalidRequest, NotFound
+from ..limits.spec import check_rate_limits, merge_rate_limits
 from ..store import KeyRecord, Store, key_of, now
 from ..store.schema import api_keys, models, users
-from .common import Actor, Page, check_choice, check_int, check_text, page, require_rank
+from .common import (
+    Actor,
+    Page,
+    check_choice,
+    check_int,
+    check_text,
+    page,
+    require_limit_setter,
+    require_rank,
+)
 from .users import active_key_count, ensure_builtin, live_user, role_of
 
 __all__ = ["DEFAULT", "STATES", "Key", "create", "get", "list_", "revoke", "rotate", "update"]
@@ -134,12 +144,15 @@ def _unix(value: datetime | None) -> int | None:
 def create(store: Store, actor: Actor, *, name: str, user_id: int | None = None,
            builtin: str | None = None, models: list[str] | None = None,
            expires_at: datetime | _Default | None = DEFAULT, usage_opt_in: bool = True,
-           rate_limit_rpm: int | None = None, default_days: int = 0,
-           max_keys: int = 5) -> Key:
+           rate_limits: dict[str, Any] | None = None, rate_limit_rpm: int | None = None,
+           default_days: int = 0, max_keys: int = 5) -> Key:
     """A new key for ``user_id`` (default: the actor; the CLI names a built-in user
-    instead). Its secret is in the answer, and nowhere else, ever."""
+    instead). Its secret is in the answer, and nowhere else, ever. ``rate_limit_rpm``
+    is the older name of ``rate_limits.rpm``."""
     check_text(name, "name", NAME_MAX)
-    check_int(rate_limit_rpm, "rate_limit_rpm", 1)
+    limits = _limits(None, rate_limits, rate_limit_rpm, merge=False)
+    if limits:
+        require_limit_setter(actor)
     token, public_id, secret_hash = new_key()
     with store.change(actor.audit_columns()) as ch:
         expiry = _expiry(expires_at, default_days, ch.at)
@@ -156,13 +169,27 @@ def create(store: Store, actor: Actor, *, name: str, user_id: int | None = None,
         _check_room(ch.conn, owner.id, ch.at, max_keys)
         ch.conn.execute(insert(api_keys).values(
             public_id=public_id, secret_hash=secret_hash, user_id=owner.id, name=name,
-            model_ids=ids, rate_limit_rpm=rate_limit_rpm, usage_opt_in=usage_opt_in,
+            model_ids=ids, rate_limits=limits, usage_opt_in=usage_opt_in,
             version=ch.version, created_at=ch.at, expires_at=expiry))
         ch.audit("api_key.create", "api_key", public_id, owner.company_id, {
             "name": [None, name], "user_id": [None, owner.id], "models": [None, models],
             "expires_at": [None, _unix(expiry)], "usage_opt_in": [None, usage_opt_in],
-            "rate_limit_rpm": [None, rate_limit_rpm], "secret": [None, MASK]})
+            "rate_limits": [None, limits], "secret": [None, MASK]})
         return replace(_find(ch.conn, actor, public_id), secret=token)
+
+
+def _limits(current: dict[str, int] | None, rate_limits: Any, rpm: int | None, *,
+            merge: bool) -> dict[str, int] | None:
+    """The key's limits from ``rate_limits`` and the older ``rate_limit_rpm``."""
+    check_int(rpm, "rate_limit_rpm", 1)
+    limits = (merge_rate_limits(current, rate_limits) if merge
+              else check_rate_limits(rate_limits))
+    if rpm is not None:
+        if limits and limits.get("rpm") not in (None, rpm):
+            raise InvalidRequest("'rate_limit_rpm' and 'rate_limits.rpm' disagree; give "
+                                 "one of them.", param="rate_limit_rpm")
+        limits = {**(limits or {}), "rpm": rpm}
+    return limits
 
 
 def get(store: Store, actor: Actor, public_id: str) -> Key:
@@ -202,11 +229,12 @@ def list_(store: Store, actor: Actor, *, user_id: int | None = None,
 
 def update(store: Store, actor: Actor, public_id: str, *, max_keys: int = 5,
            **changes: Any) -> Key:
-    """Change ``name``, ``models``, ``expires_at``, ``usage_opt_in`` or
-    ``rate_limit_rpm``; only those given. An expired key given a new expiry counts
-    against its user's ``max_keys`` again."""
+    """Change ``name``, ``models``, ``expires_at``, ``usage_opt_in``, ``rate_limits``
+    (the kinds given replace the current ones; null removes one, or all) or
+    ``rate_limit_rpm`` (``rate_limits.rpm``); only those given. An expired key given a
+    new expiry counts against its user's ``max_keys`` again."""
     unknown = set(changes) - {"name", "models", "expires_at", "usage_opt_in",
-                              "rate_limit_rpm"}
+                              "rate_limits", "rate_limit_rpm"}
     if unknown:
         raise InvalidRequest(f"Unknown key fields: {', '.join(sorted(unknown))}.")
     with store.change(actor.audit_columns()) as ch:
@@ -218,10 +246,17 @@ def update(store: Store, actor: Actor, public_id: str, *, max_keys: int = 5,
             check_text(changes["name"], "name", NAME_MAX)
             values["name"] = changes["name"]
             diff["name"] = [r.name, changes["name"]]
-        if "rate_limit_rpm" in changes:
-            values["rate_limit_rpm"] = check_int(changes["rate_limit_rpm"],
-                                                 "rate_limit_rpm", 1)
-            diff["rate_limit_rpm"] = [r.rate_limit_rpm, values["rate_limit_rpm"]]
+        if "rate_limits" in changes or "rate_limit_rpm" in changes:
+            require_limit_setter(actor)
+            limits = r.rate_limits
+            if "rate_limits" in changes:
+                limits = _limits(limits, changes["rate_limits"], None, merge=True)
+            if "rate_limit_rpm" in changes:  # null removes the rpm limit
+                rpm = changes["rate_limit_rpm"]
+                limits = _limits(limits, {"rpm": None}, rpm, merge=True) if rpm is not None \
+                    else merge_rate_limits(limits, {"rpm": None})
+            values["rate_limits"] = limits
+            diff["rate_limits"] = [r.rate_limits, limits]
         if "usage_opt_in" in changes:
             values["usage_opt_in"] = bool(changes["usage_opt_in"])
             diff["usage_opt_in"] = [r.usage_opt_in, values["usage_opt_in"]]

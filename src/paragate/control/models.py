@@ -10,6 +10,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy import update as sql_update
 
 from ..errors import Conflict, InvalidRequest, NotFound
+from ..limits.spec import check_rate_limits, merge_rate_limits
 from ..store import ModelRecord, Store, model_of
 from ..store.schema import companies, models
 from . import replicas
@@ -33,7 +34,8 @@ MAX_TIMEOUT = 86400.0
 # What `create` and `update` take, beside `name`.
 FIELDS = ("display_name", "type", "upstream_url", "upstream_model", "upstream_api_key",
           "enabled", "company_ids", "max_logprobs", "default_max_tokens", "max_tokens_limit",
-          *TIMEOUTS, "affinity")
+          *TIMEOUTS, "affinity", "rate_limits", "max_prompts", "max_n",
+          "max_request_tokens")
 _SECRET = "upstream_api_key"
 MASK = "<secret>"
 
@@ -70,6 +72,11 @@ def _check(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
     check_int(values.get("max_logprobs"), "max_logprobs", 0, 20)
     check_int(values.get("default_max_tokens"), "default_max_tokens", 1)
     check_int(values.get("max_tokens_limit"), "max_tokens_limit", 1)
+    check_int(values.get("max_prompts"), "max_prompts", 1)
+    check_int(values.get("max_n"), "max_n", 1, 128)
+    check_int(values.get("max_request_tokens"), "max_request_tokens", 1)
+    if "rate_limits" in values:
+        values["rate_limits"] = check_rate_limits(values["rate_limits"])
     for name in TIMEOUTS:
         seconds = values.get(name)
         if seconds is not None and not 0 < seconds <= MAX_TIMEOUT:
@@ -129,6 +136,9 @@ def update(store: Store, actor: Actor, name: str, /, **changes: Any) -> ModelRec
                          "affinity"):
             if required in changes and changes[required] is None:
                 raise InvalidRequest(f"'{required}' cannot be unset.", param=required)
+        if "rate_limits" in changes:  # the kinds given replace the current ones
+            changes["rate_limits"] = merge_rate_limits(before.rate_limits,
+                                                       changes["rate_limits"])
         changes = _check(ch.conn, changes)
         if changes.get("display_name", "") is None:
             changes["display_name"] = changes.get("name", before.name)

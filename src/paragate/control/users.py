@@ -14,6 +14,7 @@ from sqlalchemy import update as sql_update
 
 from ..access import ADMIN, ROLES, USER
 from ..errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from ..limits.spec import check_rate_limits, merge_rate_limits
 from ..store import Change, Store, UserRecord
 from ..store.schema import api_keys, users
 from .common import (
@@ -24,6 +25,7 @@ from .common import (
     check_text,
     live_company,
     page,
+    require_limit_setter,
     require_rank,
 )
 
@@ -77,7 +79,11 @@ def _unique(conn: Connection, email: str) -> None:
 
 
 def create(store: Store, actor: Actor, *, email: str, company_id: int | None = None,
-           name: str = "", role: str = USER, key_manager: bool = False) -> UserRecord:
+           name: str = "", role: str = USER, key_manager: bool = False,
+           rate_limits: dict[str, Any] | None = None) -> UserRecord:
+    limits = check_rate_limits(rate_limits)
+    if limits:
+        require_limit_setter(actor)
     email = check_email(email)
     name = check_text(name, "name", 200, min_len=0)
     check_choice(role, "role", ROLES)
@@ -92,11 +98,11 @@ def create(store: Store, actor: Actor, *, email: str, company_id: int | None = N
         _unique(ch.conn, email)
         user_id = ch.conn.execute(insert(users).values(
             company_id=company_id, email=email, name=name, role=role,
-            key_manager=key_manager, version=ch.version, created_at=ch.at,
-            updated_at=ch.at).returning(users.c.id)).scalar_one()
+            key_manager=key_manager, rate_limits=limits, version=ch.version,
+            created_at=ch.at, updated_at=ch.at).returning(users.c.id)).scalar_one()
         ch.audit("user.create", "user", user_id, company_id, {
             "email": [None, email], "name": [None, name], "role": [None, role],
-            "key_manager": [None, key_manager]})
+            "key_manager": [None, key_manager], "rate_limits": [None, limits]})
         return live_user(ch.conn, actor, user_id)
 
 
@@ -120,12 +126,17 @@ def list_(store: Store, actor: Actor, *, company_id: int | None = None, limit: i
 
 
 def update(store: Store, actor: Actor, user_id: int, **changes: Any) -> UserRecord:
-    """Change ``email``, ``name``, ``role`` or ``key_manager``; only those given."""
-    unknown = set(changes) - {"email", "name", "role", "key_manager"}
+    """Change ``email``, ``name``, ``role``, ``key_manager`` or ``rate_limits`` (the
+    kinds given replace the current ones; null removes one, or all); only those given."""
+    unknown = set(changes) - {"email", "name", "role", "key_manager", "rate_limits"}
     if unknown:
         raise InvalidRequest(f"Unknown user fields: {', '.join(sorted(unknown))}.")
     with store.change(actor.audit_columns()) as ch:
         before = live_user(ch.conn, actor, user_id)
+        if "rate_limits" in changes:
+            require_limit_setter(actor)
+            changes["rate_limits"] = merge_rate_limits(before.rate_limits,
+                                                       changes["rate_limits"])
         if "email" in changes:
             changes["email"] = check_email(changes["email"])
         if "name" in changes:

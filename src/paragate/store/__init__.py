@@ -52,6 +52,7 @@ from .schema import (
     audit_log,
     companies,
     config_state,
+    limit_counters,
     model_replicas,
     models,
     usage_records,
@@ -226,6 +227,42 @@ class Store:
             deleted += n
             if n == 0:
                 return deleted
+
+    # -- the in-process limiter's budgets ---------------------------------------------------
+
+    def has_rate_limits(self) -> bool:
+        """Whether any live key, user, company or model has a rate limit set."""
+        with self.engine.connect() as conn:
+            for table in (api_keys, users, companies, models):
+                query = select(table.c.id).where(table.c.rate_limits.is_not(None))
+                if "deleted_at" in table.c:
+                    query = query.where(table.c.deleted_at.is_(None))
+                if table is api_keys:
+                    query = query.where(api_keys.c.revoked_at.is_(None))
+                if conn.execute(query.limit(1)).first() is not None:
+                    return True
+        return False
+
+    def limit_counters(self, periods: Sequence[str]) -> list[tuple[str, int, str, int]]:
+        """(scope, scope id, period, tokens) of every budget counter of ``periods``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(limit_counters.c.scope, limit_counters.c.scope_id,
+                                       limit_counters.c.period, limit_counters.c.tokens)
+                                .where(limit_counters.c.period.in_(list(periods)))).all()
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    def add_limit_counters(self, added: Mapping[tuple[str, int, str], int]) -> None:
+        """Add tokens to budget counters (made when missing), in one transaction."""
+        if not added:
+            return
+        with self.engine.begin() as conn:
+            stmt = usage.upsert(conn, limit_counters)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["scope", "scope_id", "period"],
+                set_={"tokens": limit_counters.c.tokens + stmt.excluded.tokens})
+            conn.execute(stmt, [{"scope": scope, "scope_id": scope_id, "period": period,
+                                 "tokens": tokens}
+                                for (scope, scope_id, period), tokens in sorted(added.items())])
 
     def list_usage(self) -> list[UsageRecord]:
         """Every raw record, in the order written (for tests and tools)."""

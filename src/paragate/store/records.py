@@ -27,6 +27,8 @@ class CompanyRecord:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    rate_limits: dict[str, int] | None = None  # None: none (see limits/spec.py)
+    allow_priority: bool = False  # its keys may set vLLM's scheduling fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class UserRecord:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    rate_limits: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +57,13 @@ class KeyRecord:
     user_id: int
     name: str
     model_ids: tuple[int, ...] | None  # None: every model the company may use
-    rate_limit_rpm: int | None  # None: no limit
     usage_opt_in: bool
     version: int
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    rate_limits: dict[str, int] | None = None
 
     def usable_at(self, now: datetime) -> bool:
         """Neither revoked nor expired at ``now`` (what counts as an active key)."""
@@ -85,6 +88,10 @@ class ModelRecord:
     idle_timeout: float | None = None
     total_timeout: float | None = None  # None: none
     affinity: str = "none"  # none | prefix | user
+    rate_limits: dict[str, int] | None = None  # for all its callers together
+    max_prompts: int | None = None  # None: the gateway's default
+    max_n: int | None = None
+    max_request_tokens: int | None = None
     id: int = 0
     version: int = 0
     created_at: datetime | None = None

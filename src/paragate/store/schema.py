@@ -36,6 +36,7 @@ __all__ = [
     "audit_log",
     "companies",
     "config_state",
+    "limit_counters",
     "metadata",
     "model_replicas",
     "models",
@@ -92,6 +93,10 @@ companies = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(200), nullable=False),
     Column("builtin", Boolean, nullable=False),  # the default company
+    # null: no limits; else a JSON object of those set (see limits/spec.py)
+    Column("rate_limits", JSON, nullable=True),
+    # may its keys set vLLM's scheduling fields (``priority``)
+    Column("allow_priority", Boolean, nullable=False, server_default=false()),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -111,6 +116,7 @@ users = Table(
     Column("key_manager", Boolean, nullable=False),
     # null, or the built-in user this row is: system_admin | default_user
     Column("builtin", String(20), nullable=True, unique=True),
+    Column("rate_limits", JSON, nullable=True),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -132,8 +138,8 @@ api_keys = Table(
     Column("name", String(200), nullable=False),
     # null: every model the key's company may use; else a JSON list of model ids
     Column("model_ids", JSON, nullable=True),
-    # null: no limit; else requests per minute (see limits.py)
-    Column("rate_limit_rpm", Integer, nullable=True),
+    # null: no limits; else a JSON object of those set (``rpm`` was ``rate_limit_rpm``)
+    Column("rate_limits", JSON, nullable=True),
     Column("usage_opt_in", Boolean, nullable=False),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
@@ -168,6 +174,13 @@ models = Table(
     # which replica a request goes to: none (the least loaded), prefix (requests whose
     # prompts start alike go to the same one), user (the same `user` field, same one)
     Column("affinity", String(16), nullable=False, server_default="none"),
+    # a model's limits apply to all its callers together
+    Column("rate_limits", JSON, nullable=True),
+    # what one request may ask for; null: the gateway's defaults (PARAGATE_MAX_PROMPTS,
+    # PARAGATE_MAX_N, PARAGATE_MAX_REQUEST_TOKENS)
+    Column("max_prompts", Integer, nullable=True),
+    Column("max_n", Integer, nullable=True),
+    Column("max_request_tokens", Integer, nullable=True),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -308,6 +321,18 @@ ROLLUP_DIMS = ("company_id", "user_id", "key_id", "model")
 usage_hourly = _rollup("usage_hourly", *_dims(*ROLLUP_DIMS))
 usage_daily = _rollup("usage_daily", *_dims(*ROLLUP_DIMS, "month"))
 usage_daily_company = _rollup("usage_daily_company", *_dims("company_id", "model", "month"))
+
+# The committed tokens of each daily and monthly budget, for the in-process limiter
+# (the Redis one keeps them in Redis): scope k | u | c | m, the scope's id, and the
+# period ("2026-12-01" a UTC day, "2026-12" a UTC month). Only ever added to.
+limit_counters = Table(
+    "limit_counters",
+    metadata,
+    Column("scope", String(1), primary_key=True),
+    Column("scope_id", Integer, primary_key=True),
+    Column("period", String(10), primary_key=True),
+    Column("tokens", BigInteger, nullable=False),
+)
 
 # The tables whose rows a gateway holds in memory, in the order they are applied.
 CONFIG_TABLES = (companies, users, api_keys, models, model_replicas)

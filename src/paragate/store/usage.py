@@ -112,9 +112,11 @@ _SUM_COLUMNS = [*_SUMS, *(f"lat{i}" for i in range(HISTOGRAM_BUCKETS)),
                 *(f"ttft{i}" for i in range(HISTOGRAM_BUCKETS))]
 
 
-def _insert(conn: Connection, table: Table) -> Any:
+def upsert(conn: Connection, table: Table) -> Any:
+    """An INSERT of the connection's dialect, which has ``on_conflict_do_*``."""
     return (postgresql.insert(table) if conn.dialect.name == "postgresql"
             else sqlite.insert(table))
+
 
 
 def _dims() -> dict[str, ColumnElement[Any]]:
@@ -170,7 +172,7 @@ def _rollup_statements(conn: Connection, where: ColumnElement[bool]) -> list[Any
                          *_RECORD_SUMS)
                   .where(where).group_by(*keys).order_by(*keys))
         table = rollup.table
-        stmt = _insert(conn, table).from_select([*columns, *_SUM_COLUMNS], source)
+        stmt = upsert(conn, table).from_select([*columns, *_SUM_COLUMNS], source)
         out.append(stmt.on_conflict_do_update(
             index_elements=columns,
             set_={c: table.c[c] + stmt.excluded[c] for c in _SUM_COLUMNS}))
@@ -224,7 +226,7 @@ def write(conn: Connection, records: Sequence[UsageRecord]) -> int:
         return len(ids)
     conn.exec_driver_sql("BEGIN IMMEDIATE")
     before = conn.execute(select(func.coalesce(func.max(usage_records.c.id), 0))).scalar_one()
-    conn.exec_driver_sql(_compiled_insert(conn)[0], rows)
+    conn.exec_driver_sql(_compiledupsert(conn)[0], rows)
     new = conn.execute(select(func.count()).where(usage_records.c.id > before)).scalar_one()
     if new:
         _add_new_rows(conn, (before,))
@@ -236,13 +238,13 @@ _Processors = list[tuple[int, Callable[[Any], Any]]]
 _COMPILED: dict[str, tuple[str, list[str], _Processors]] = {}
 
 
-def _compiled_insert(conn: Connection) -> tuple[str, list[str], _Processors]:
+def _compiledupsert(conn: Connection) -> tuple[str, list[str], _Processors]:
     """``INSERT ... ON CONFLICT (request_id) DO NOTHING`` compiled once per dialect: the
     SQL, its parameter names in order, and the (index, bind processor) pairs."""
     dialect = conn.dialect
     found = _COMPILED.get(dialect.name)
     if found is None:
-        stmt = _insert(conn, usage_records).on_conflict_do_nothing(
+        stmt = upsert(conn, usage_records).on_conflict_do_nothing(
             index_elements=["request_id"])
         compiled = stmt.compile(dialect=dialect, column_keys=_COLUMNS)
         names = list(compiled.positiontup or _COLUMNS)
@@ -259,7 +261,7 @@ def _compiled_insert(conn: Connection) -> tuple[str, list[str], _Processors]:
 def _rows(conn: Connection, records: Sequence[UsageRecord]) -> list[Any]:
     """Each record's values in the compiled statement's order, bind-processed (lists,
     for COPY, on PostgreSQL; tuples for SQLite's positional parameters)."""
-    _, names, processors = _compiled_insert(conn)
+    _, names, processors = _compiledupsert(conn)
     positional = conn.dialect.name != "postgresql"
     out: list[Any] = []
     fields = [n for n in names if n not in ("lat_bucket", "ttft_bucket")]
@@ -280,7 +282,7 @@ def _rows(conn: Connection, records: Sequence[UsageRecord]) -> list[Any]:
 def _copy_in(conn: Connection, rows: list[Any]) -> list[int]:
     """PostgreSQL: the rows COPYed into a temporary table (emptied at commit), then
     inserted where their request id is new; the ids of the new rows."""
-    _, names, _ = _compiled_insert(conn)
+    _, names, _ = _compiledupsert(conn)
     columns = ", ".join(names)
     raw: Any = conn.connection.dbapi_connection
     with raw.cursor() as cur:

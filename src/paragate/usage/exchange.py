@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ..limits.core import Ticket
 from ..store import UsageRecord
 
 __all__ = ["Exchange", "client_request_id"]
@@ -51,6 +52,7 @@ class Exchange:
     waited: float = 0.0  # seconds spent waiting on the upstream
     # a stream's relay: puts the usage known so far in, when the stream ends early
     settle: Callable[[], None] | None = None
+    ticket: Ticket | None = None  # its reservation against the limits that apply
     done: bool = False
 
     def tried(self, upstream: str) -> None:
@@ -62,12 +64,22 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        if self.record is None:
-            return
         if self.settle is not None:
             self.settle()
-        elapsed = time.monotonic() - self.started
         prompt, completion = self.prompt_tokens, self.completion_tokens
+        ticket = self.ticket
+        if ticket is not None:
+            if prompt is None and completion is None:
+                # vLLM reported nothing: a request it never got spent nothing; one left
+                # by its client before the answer had its prompt processed (docs/limits.md)
+                used = ticket.prompt if (
+                    self.outcome == "client_disconnected" and self.upstream) else 0
+            else:
+                used = (prompt or 0) + (completion or 0)
+            ticket.settle(used)
+        if self.record is None:
+            return
+        elapsed = time.monotonic() - self.started
         total = None if prompt is None and completion is None else (
             (prompt or 0) + (completion or 0))
         self.record(UsageRecord(
