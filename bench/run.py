@@ -706,6 +706,26 @@ def raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
 
 
+def start_redis(procs: Procs, cpu: str) -> str:
+    """A redis-server of the benchmark's own on a free port, pinned to ``cpu``: its URL."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server is missing (apt-get install redis-server)")
+    port = free_port()
+    procs.start([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(procs.tmp)], cpu)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                say(f"redis-server on port {port}, core {cpu}")
+                return f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="every step for ~1 s, tiny counts, "
@@ -729,6 +749,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
                     help="a PARAGATE_* setting for the gateway (repeatable), to measure "
                     "what one setting costs")
+    ap.add_argument("--redis", choices=["gateway-core", "aux-core"], help="count the "
+                    "limits in a Redis of the benchmark's own (redis-server, no persistence) "
+                    "pinned to the gateway's core or to the other one; a round trip to an "
+                    "otherwise idle core pays the VM's wake-up from idle (about 45 us here)")
     ap.add_argument("--population", metavar="DB", help="run on a copy of this SQLite store, "
                     "pre-loaded with companies, users and keys (bench/control_plane.py), with "
                     "one of its company users' keys instead of a fresh one; writes a file "
@@ -768,6 +792,9 @@ def main() -> int:
     pin = {0, 1} <= os.sched_getaffinity(0)
     procs = Procs(tmp, pin)
     gateway_env = dict(kv.split("=", 1) for kv in args.gateway_env)
+    if args.redis:
+        gateway_env["PARAGATE_REDIS_URL"] = start_redis(
+            procs, GW_CPU if args.redis == "gateway-core" else AUX_CPU)
     bench = Bench(plan, procs, tmp, args.profile, args.population, gateway_env)
     for name, value in gateway_env.items():
         bench.notes.append(f"The gateway ran with `{name}={value}`.")

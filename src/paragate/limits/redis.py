@@ -12,9 +12,10 @@ Cluster slot, as a script that touches several of them needs)::
 
     {paragate}:r:k:12:rpm              a per-minute bucket: its GCRA arrival time
     {paragate}:c:u:3:max_concurrent    a sorted set: request -> expiry of its slot
-    {paragate}:b:c:1:daily_tokens      a budget's committed tokens, by period (only grow)
-    {paragate}:bz:... / :bh:... / :bs:...      its reservations: expiries, amounts, sum
-    {paragate}:t:<request>             there while the request has something to settle
+    {paragate}:bz:c:1:daily_tokens     a budget's reservations: request -> expiry
+    {paragate}:bh:c:1:daily_tokens     ... their tokens, and their sum ("r")
+    {paragate}:b:c:1:daily_tokens      its committed tokens by period (they only grow)
+    {paragate}:s:<request>             the request has been settled (for 10 minutes)
 
 A reservation (a concurrency slot, budget tokens) expires ``limits_reservation_ttl``
 seconds after it was made or last renewed; the gateway renews those of its requests in
@@ -34,7 +35,15 @@ from collections.abc import Sequence
 
 from ..errors import LimitsUnavailable
 from .core import Ticket, refusal, too_large
-from .resp import Arg, RedisClient, RedisReplyError, RedisUnavailable, Reply, Script
+from .resp import (
+    Arg,
+    RedisClient,
+    RedisReplyError,
+    RedisUnavailable,
+    Reply,
+    Script,
+    encode_args,
+)
 from .spec import BUDGET, CONCURRENCY, RATE, Limit, Standing, headers, period_end
 
 __all__ = ["RedisLimiter"]
@@ -66,20 +75,21 @@ local function period(now, kind)
 end
 """
 
-# KEYS: the ticket's key ({p}t:<id>: exists while the request holds something to
-# settle), then per limit: r -> its bucket; c -> its set; b -> committed (a hash: period
-# -> tokens), reservations' expiries (zset), amounts (hash), sum. ARGV: id, ttl, the
-# request's tokens, whether it holds anything (1|0), then per limit: class (r|c|b),
-# value, counts tokens (1|0), budget period (d|m, else -). Answers {1, now, remaining
-# and reset per limit} or {0, the limit that refused, its figure, now}.
+# KEYS: per limit: r -> its bucket; c -> its set (request -> expiry); b -> its
+# reservations (a set: request -> expiry; a hash: request -> tokens, "r" -> their sum)
+# and its committed tokens (a hash: period -> tokens). ARGV: id, ttl, the request's
+# tokens, then per limit: class (r|c|b), value, counts tokens (1|0), budget period (d|m,
+# else -). Answers, as one string of words (quicker to read than an array): "1 now" then
+# remaining and reset per limit, or "0 <the limit that refused> <its figure> now".
+# Reads are cheap in a script, writes less so (each is replicated): an expiry is moved
+# only when it would end too soon.
 _ADMIT = Script(_PERIOD + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local stamp = string.format('%.6f', now)
 local id, ttl, cost = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local n = (#ARGV - 4) / 4
-local k, a = 2, 5
-local st = {}
+local n = (#ARGV - 3) / 4
+local k, a = 1, 4
+local st, lefts = {}, {}
 for i = 1, n do
   local cls, value = ARGV[a], tonumber(ARGV[a + 1])
   local c = 1
@@ -89,17 +99,17 @@ for i = 1, n do
     if tat < now then tat = now end
     local new = tat + c * 60 / value
     local over = new - now - 60
-    if over > 1e-9 then return {0, i, string.format('%.6f', over), stamp} end
+    if over > 1e-9 then return '0 ' .. i .. ' ' .. over .. ' ' .. now end
     st[i] = new
     k = k + 1
   elseif cls == 'c' then
     redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
     local held = redis.call('ZCARD', KEYS[k])
-    if held >= value then return {0, i, '1', stamp} end
+    if held >= value then return '0 ' .. i .. ' 1 ' .. now end
     st[i] = value - held - 1
     k = k + 1
   else
-    local zk, hk, sk = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    local zk, hk = KEYS[k], KEYS[k + 1]
     while true do  -- expired reservations (a dead gateway's), a thousand at a time
       local gone = redis.call('ZRANGEBYSCORE', zk, '-inf', now, 'LIMIT', 0, 1000)
       if #gone == 0 then break end
@@ -108,20 +118,21 @@ for i = 1, n do
       for j = 1, #gone do freed = freed + (tonumber(amounts[j]) or 0) end
       redis.call('HDEL', hk, unpack(gone))
       redis.call('ZREM', zk, unpack(gone))
-      if freed > 0 then redis.call('DECRBY', sk, freed) end
+      redis.call('HINCRBY', hk, 'r', -freed)
     end
-    local spent = tonumber(redis.call('HGET', KEYS[k], period(now, ARGV[a + 3])) or '0')
-    local left = value - spent - tonumber(redis.call('GET', sk) or '0')
-    if left < c then return {0, i, string.format('%d', left), stamp} end
-    st[i] = left - c
-    k = k + 4
+    local reserved = tonumber(redis.call('HGET', hk, 'r') or '0')
+    local spent = tonumber(redis.call('HGET', KEYS[k + 2], period(now, ARGV[a + 3])) or '0')
+    local left = value - spent - reserved
+    if left < c then return '0 ' .. i .. ' ' .. string.format('%d', left) .. ' ' .. now end
+    st[i] = reserved
+    lefts[i] = left - c
+    k = k + 3
   end
   a = a + 4
 end
 local ms = math.ceil(ttl * 1000) + 1000
-if ARGV[4] == '1' then redis.call('SET', KEYS[1], '1', 'PX', ms) end
-local out = {1, stamp}
-k, a = 2, 5
+local out = {'1', now}
+k, a = 1, 4
 for i = 1, n do
   local cls, value = ARGV[a], tonumber(ARGV[a + 1])
   local c = 1
@@ -135,29 +146,32 @@ for i = 1, n do
     k = k + 1
   elseif cls == 'c' then
     redis.call('ZADD', KEYS[k], now + ttl, id)
-    redis.call('PEXPIRE', KEYS[k], ms)
+    if redis.call('PTTL', KEYS[k]) < ms then redis.call('PEXPIRE', KEYS[k], 2 * ms) end
     out[#out + 1] = string.format('%d', st[i])
     out[#out + 1] = '0'
     k = k + 1
   else
-    redis.call('ZADD', KEYS[k + 1], now + ttl, id)
-    redis.call('HSET', KEYS[k + 2], id, c)
-    redis.call('INCRBY', KEYS[k + 3], c)
-    for j = 1, 3 do redis.call('PEXPIRE', KEYS[k + j], ms) end
-    out[#out + 1] = string.format('%d', st[i])
+    local zk, hk = KEYS[k], KEYS[k + 1]
+    redis.call('ZADD', zk, now + ttl, id)
+    if redis.call('PTTL', zk) < ms then redis.call('PEXPIRE', zk, 2 * ms) end
+    redis.call('HSET', hk, id, c, 'r', st[i] + c)
+    if redis.call('PTTL', hk) < ms then redis.call('PEXPIRE', hk, 2 * ms) end
+    out[#out + 1] = string.format('%d', lefts[i])
     out[#out + 1] = '0'
-    k = k + 4
+    k = k + 3
   end
   a = a + 4
 end
-return out
+return table.concat(out, ' ')
 """)
 
-# ARGV: how many tickets; per ticket: id, reserved, used, how many limits, then per limit
-# the four fields of _ADMIT. KEYS: per ticket its key and its limits' keys, as _ADMIT's.
-# A ticket settles only if its key is still there (deleted here): a batch sent twice (a
-# reply that came too late, a shutdown) counts once, and so does a release sent for an
-# admission whose answer was lost.
+# ARGV: how many tickets; per ticket: id, reserved, used, release (1: an admission
+# whose answer was lost, which may never have run), how many limits, then per limit the
+# four fields of _ADMIT. KEYS: per ticket its settled-marker, then its limits' keys as
+# _ADMIT's. A ticket settles once: its marker is set the first time (a batch sent again,
+# after a reply that came too late or at shutdown, changes nothing). A reservation is
+# released only if it is still there; the tokens used are committed whatever became of
+# it (one that expired, Redis having been away longer than its ttl, was swept already).
 _SETTLE = Script(_PERIOD + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -165,16 +179,17 @@ local keep = 35 * 86400
 local k, a = 1, 2
 for _ = 1, tonumber(ARGV[1]) do
   local id, reserved = ARGV[a], tonumber(ARGV[a + 1])
-  local used, n = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  a = a + 4
-  local live = redis.call('DEL', KEYS[k]) == 1
+  local used, release, n = tonumber(ARGV[a + 2]), ARGV[a + 3] == '1', tonumber(ARGV[a + 4])
+  a = a + 5
+  local first = redis.call('SET', KEYS[k], '1', 'NX', 'PX', 600000)
   k = k + 1
   for _ = 1, n do
     local cls, value = ARGV[a], tonumber(ARGV[a + 1])
     local tok, kind = ARGV[a + 2], ARGV[a + 3]
     a = a + 4
     if cls == 'r' then
-      if live and tok == '1' and used ~= reserved then
+      -- a release does not know whether the bucket was charged: it is left alone
+      if first and not release and tok == '1' and used ~= reserved then
         local tat = tonumber(redis.call('GET', KEYS[k]) or '0')
         if tat < now then tat = now end
         local new = tat + (used - reserved) * 60 / value
@@ -187,35 +202,35 @@ for _ = 1, tonumber(ARGV[1]) do
       end
       k = k + 1
     elseif cls == 'c' then
-      if live then redis.call('ZREM', KEYS[k], id) end
+      if first then redis.call('ZREM', KEYS[k], id) end
       k = k + 1
     else
-      if live then
+      if first then
+        local zk, hk, ck = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+        if redis.call('ZREM', zk, id) == 1 then
+          redis.call('HDEL', hk, id)
+          redis.call('HINCRBY', hk, 'r', -reserved)
+        end
         if used > 0 then
           local p = period(now, kind)
-          if redis.call('HLEN', KEYS[k]) > 1 then  -- drop the periods gone by
-            for _, old in ipairs(redis.call('HKEYS', KEYS[k])) do
-              if old ~= p then redis.call('HDEL', KEYS[k], old) end
+          if redis.call('HLEN', ck) > 1 then  -- drop the periods gone by
+            for _, old in ipairs(redis.call('HKEYS', ck)) do
+              if old ~= p then redis.call('HDEL', ck, old) end
             end
           end
-          redis.call('HINCRBY', KEYS[k], p, used)
-          redis.call('EXPIRE', KEYS[k], keep)
-        end
-        if redis.call('ZREM', KEYS[k + 1], id) == 1 then
-          local amount = tonumber(redis.call('HGET', KEYS[k + 2], id) or '0')
-          redis.call('HDEL', KEYS[k + 2], id)
-          if amount > 0 then redis.call('DECRBY', KEYS[k + 3], amount) end
+          redis.call('HINCRBY', ck, p, used)
+          redis.call('EXPIRE', ck, keep)
         end
       end
-      k = k + 4
+      k = k + 3
     end
   end
 end
 return 1
 """)
 
-# ARGV: ttl, then per ticket: id, how many keys, and per key 'z' (a sorted set: its
-# member's expiry moves) or 'p' (only the key's own expiry moves).
+# ARGV: ttl, then per ticket: id, how many keys, and per key 'z' (a set: the request's
+# expiry moves) or 'p' (a hash: only the key's own expiry may). KEYS: those keys.
 _RENEW = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -227,7 +242,7 @@ while a <= #ARGV do
   a = a + 2
   for _ = 1, n do
     if ARGV[a] == 'z' then redis.call('ZADD', KEYS[k], 'XX', now + ttl, id) end
-    redis.call('PEXPIRE', KEYS[k], ms)
+    if redis.call('PTTL', KEYS[k]) < ms then redis.call('PEXPIRE', KEYS[k], 2 * ms) end
     k = k + 1
     a = a + 1
   end
@@ -250,13 +265,16 @@ class RedisLimiter:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(6).hex()
         self._live: dict[str, Ticket] = {}  # tickets holding expiring reservations
-        self._queue: deque[tuple[Ticket, int]] = deque()  # settlements to send
+        # settlements to send: the ticket, the tokens used, whether it is a release
+        self._queue: deque[tuple[Ticket, int, bool]] = deque()
         self._wake = asyncio.Event()
         self._failing_since: float | None = None
         self._reported_at = 0.0
         self.failures = 0  # requests admitted or refused by the fail mode
         self._tasks: list[asyncio.Task[None]] = []
         self.sending = False  # a batch of settlements is on its way
+        self._parts: dict[tuple[str, int], tuple[bytes, bytes, int]] = {}
+        self._ttl_arg = repr(float(ttl))
 
     # -- the request path ---------------------------------------------------------------
 
@@ -266,12 +284,10 @@ class RedisLimiter:
             if lim.tokens and tokens > lim.value:
                 raise too_large(lim, tokens, model)
         ticket_id = f"{self._prefix}-{next(self._ids)}"
-        # only an rpm limit: nothing to settle (the request is spent when admitted)
-        holds = any(lim.cls != RATE or lim.tokens for lim in limits)
-        keys, args = self._layout(limits, ticket_id)
+        keys, args, count, numkeys, holds = self._encoded(limits)
+        body = b"%s%s%s" % (keys, encode_args((ticket_id, self._ttl_arg, tokens)), args)
         try:
-            reply = await self._client.evalsha(
-                _ADMIT, keys, [ticket_id, self._ttl, tokens, 1 if holds else 0, *args])
+            reply = await self._client.evalsha_encoded(_ADMIT, numkeys, count, body)
         except RedisUnavailable as exc:
             if holds:  # its answer may be what was lost: release what it may hold
                 self._release(limits, tokens, ticket_id)
@@ -283,31 +299,58 @@ class RedisLimiter:
             if holds:
                 self._release(limits, tokens, ticket_id)
             raise
-        self._recovered()
-        assert isinstance(reply, list)
-        if reply[0] != 1:
-            lim = limits[int(_num(reply[1])) - 1]
-            figure, now = _num(reply[2]), _num(reply[3])
+        if self._failing_since is not None:
+            self._recovered()
+        if not isinstance(reply, bytes):
+            raise RedisReplyError(f"unexpected reply from the admit script: {reply!r}")
+        words = reply.split()
+        if words[0] != b"1":
+            lim = limits[int(words[1]) - 1]
+            figure, now = float(words[2]), float(words[3])
             if lim.cls == BUDGET:
                 raise refusal(lim, 0.0, tokens, int(figure), model, now)
             raise refusal(lim, figure, tokens, 0, model, now)
-        now = _num(reply[1])
+        now = float(words[1])
         standings = []
-        for i, lim in enumerate(limits):
-            remaining, reset = int(_num(reply[2 + 2 * i])), _num(reply[3 + 2 * i])
-            if lim.cls == BUDGET:
-                reset = period_end(lim.kind, now) - now
-            standings.append(Standing(lim, remaining, reset))
+        for i, lim in enumerate(limits, 1):
+            reset = (period_end(lim.kind, now) - now if lim.cls == BUDGET
+                     else float(words[2 * i + 1]))
+            standings.append(Standing(lim, int(words[2 * i]), reset))
         if not holds:
             return Ticket(limits, tokens, prompt, ticket_id, headers(standings), _nothing)
         ticket = Ticket(limits, tokens, prompt, ticket_id, headers(standings), self._settle)
-        self._live[ticket_id] = ticket
+        if any(lim.cls != RATE for lim in limits):  # its reservations expire: renewed
+            self._live[ticket_id] = ticket
         return ticket
 
-    def _layout(self, limits: Sequence[Limit], ticket_id: str) -> tuple[list[str], list[Arg]]:
+    def _encoded(self, limits: Sequence[Limit]) -> tuple[bytes, bytes, int, int, bool]:
+        """The limits' keys and arguments, encoded once per (limit, value) and kept: the
+        encoded keys, the encoded per-limit arguments, how many bulk strings the whole
+        command body holds, how many of them are keys, and whether the ticket has
+        anything to settle (not when only rpm limits apply)."""
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        numkeys = 0
+        holds = False
+        for lim in limits:
+            part = self._parts.get((lim.name, lim.value))
+            if part is None:
+                if len(self._parts) > 100_000:  # limits come and go: keep it bounded
+                    self._parts.clear()
+                k, a = self._layout((lim,))
+                part = self._parts[(lim.name, lim.value)] = (
+                    encode_args(k), encode_args(a), len(k))
+            keys.append(part[0])
+            args.append(part[1])
+            numkeys += part[2]
+            holds = holds or lim.cls != RATE or lim.tokens
+        return (b"".join(keys), b"".join(args), numkeys + 3 + 4 * len(limits), numkeys,
+                holds)
+
+    def _layout(self, limits: Sequence[Limit]) -> tuple[list[str], list[Arg]]:
         """The KEYS and the per-limit ARGV of the admit and settle scripts."""
         p = self._p
-        keys: list[str] = [f"{p}t:{ticket_id}"]
+        keys: list[str] = []
         args: list[Arg] = []
         for lim in limits:
             if lim.cls == RATE:
@@ -315,16 +358,19 @@ class RedisLimiter:
             elif lim.cls == CONCURRENCY:
                 keys.append(f"{p}c:{lim.name}")
             else:
-                keys += [f"{p}b:{lim.name}", f"{p}bz:{lim.name}", f"{p}bh:{lim.name}",
-                         f"{p}bs:{lim.name}"]
+                keys += [f"{p}bz:{lim.name}", f"{p}bh:{lim.name}", f"{p}b:{lim.name}"]
             args += [lim.cls, lim.value, 1 if lim.tokens else 0,
                      ("d" if lim.kind == "daily_tokens" else "m") if lim.cls == BUDGET
                      else "-"]
         return keys, args
 
     def _release(self, limits: Sequence[Limit], tokens: int, ticket_id: str) -> None:
-        """Undo an admission whose answer never came (a no-op if it never ran)."""
-        Ticket(limits, tokens, 0, ticket_id, [], self._settle).settle(0)
+        """Undo an admission whose answer never came: what it may hold is freed if it is
+        there (its rate buckets are left alone: whether they were charged is not known)."""
+        ticket = Ticket(limits, tokens, 0, ticket_id, [], self._settle)
+        ticket.done = True
+        self._queue.append((ticket, 0, True))
+        self._wake.set()
 
     def _unreachable(self, exc: Exception, prompt: int, ticket_id: str) -> Ticket:
         """The fail mode: admit without counting (open), or 503 (closed)."""
@@ -353,11 +399,11 @@ class RedisLimiter:
 
     def _settle(self, ticket: Ticket, used: int) -> None:
         if len(self._queue) >= _MAX_QUEUED:
-            lost, _ = self._queue.popleft()
+            lost, _, _ = self._queue.popleft()
             log.error("more than %d rate-limit settlements wait for Redis: the oldest is "
                       "dropped (its reservation expires on its own)", _MAX_QUEUED)
             self._live.pop(lost.id, None)
-        self._queue.append((ticket, used))
+        self._queue.append((ticket, used, False))
         self._wake.set()
 
     # -- the background -----------------------------------------------------------------
@@ -383,24 +429,25 @@ class RedisLimiter:
                     log.error("the rate-limit settlement script failed in Redis (%s); "
                               "%d settlements dropped, their reservations expire on "
                               "their own", exc, len(batch))
-                    for ticket, _ in batch:
+                    for ticket, _, _ in batch:
                         self._live.pop(ticket.id, None)
                 except asyncio.CancelledError:  # stop() sends them (again: counted once)
                     self._queue.extendleft(reversed(batch))
                     raise
                 else:
-                    for ticket, _ in batch:
+                    for ticket, _, _ in batch:
                         self._live.pop(ticket.id, None)
                 finally:
                     self.sending = False
 
-    async def _send(self, batch: Sequence[tuple[Ticket, int]]) -> None:
+    async def _send(self, batch: Sequence[tuple[Ticket, int, bool]]) -> None:
         keys: list[str] = []
         args: list[Arg] = [len(batch)]
-        for ticket, used in batch:
-            k, a = self._layout(ticket.limits, ticket.id)
-            keys += k
-            args += [ticket.id, ticket.reserved, used, len(ticket.limits), *a]
+        for ticket, used, release in batch:
+            k, a = self._layout(ticket.limits)
+            keys += [f"{self._p}s:{ticket.id}", *k]
+            args += [ticket.id, ticket.reserved, used, 1 if release else 0,
+                     len(ticket.limits), *a]
         await self._client.evalsha(_SETTLE, keys, args)
 
     async def _renew(self) -> None:
@@ -415,13 +462,12 @@ class RedisLimiter:
                 keys: list[str] = []
                 args: list[Arg] = [self._ttl]
                 for ticket in live[start:start + 500]:
-                    mine: list[tuple[str, str]] = [(f"{p}t:{ticket.id}", "p")]
+                    mine: list[tuple[str, str]] = []
                     for lim in ticket.limits:
                         if lim.cls == CONCURRENCY:
                             mine.append((f"{p}c:{lim.name}", "z"))
                         elif lim.cls == BUDGET:
-                            mine += [(f"{p}bz:{lim.name}", "z"), (f"{p}bh:{lim.name}", "p"),
-                                     (f"{p}bs:{lim.name}", "p")]
+                            mine += [(f"{p}bz:{lim.name}", "z"), (f"{p}bh:{lim.name}", "p")]
                     keys += [k for k, _ in mine]
                     args += [ticket.id, len(mine), *(f for _, f in mine)]
                 with contextlib.suppress(RedisUnavailable, RedisReplyError):

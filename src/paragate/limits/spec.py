@@ -120,8 +120,23 @@ def period_of(kind: str, at: float) -> str:
     return day.strftime("%Y-%m-%d") if kind == "daily_tokens" else day.strftime("%Y-%m")
 
 
+_ENDS: dict[str, tuple[float, float]] = {}  # kind -> (start, end) of the last period seen
+
+
 def period_end(kind: str, at: float) -> float:
     """When the budget period ``at`` falls in ends (Unix time)."""
+    known = _ENDS.get(kind)
+    if known is not None and known[0] <= at < known[1]:  # the common case: no datetime
+        return known[1]
+    end = _period_end(kind, at)
+    start = (end - 86400 if kind == "daily_tokens"
+             else datetime.fromtimestamp(end - 86400, UTC).replace(
+                 day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+    _ENDS[kind] = (start, end)
+    return end
+
+
+def _period_end(kind: str, at: float) -> float:
     day = datetime.fromtimestamp(at, UTC).replace(hour=0, minute=0, second=0,
                                                   microsecond=0)
     if kind == "daily_tokens":
