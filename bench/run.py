@@ -268,7 +268,8 @@ class Bench:
                      "AND NOT u.key_manager AND u.builtin IS NULL AND u.deleted_at IS NULL "
                      "AND k.revoked_at IS NULL")
             count = db.execute(f"SELECT count(*) {plain}").fetchone()[0]
-            row = db.execute(f"SELECT k.public_id, k.rate_limit_rpm, u.company_id {plain} "
+            row = db.execute("SELECT k.public_id, json_extract(k.rate_limits, '$.rpm'), "
+                             f"u.company_id {plain} "
                              "ORDER BY k.id LIMIT 1 OFFSET ?", (count // 2,)).fetchone()
         if row is None:
             raise RuntimeError(f"{path} holds no active key of a plain company user")

@@ -118,7 +118,6 @@ def upsert(conn: Connection, table: Table) -> Any:
             else sqlite.insert(table))
 
 
-
 def _dims() -> dict[str, ColumnElement[Any]]:
     """A record's dimensions as the rollups key them: 0 and "" for none."""
     t = usage_records.c
@@ -226,7 +225,7 @@ def write(conn: Connection, records: Sequence[UsageRecord]) -> int:
         return len(ids)
     conn.exec_driver_sql("BEGIN IMMEDIATE")
     before = conn.execute(select(func.coalesce(func.max(usage_records.c.id), 0))).scalar_one()
-    conn.exec_driver_sql(_compiledupsert(conn)[0], rows)
+    conn.exec_driver_sql(_compiled_insert(conn)[0], rows)
     new = conn.execute(select(func.count()).where(usage_records.c.id > before)).scalar_one()
     if new:
         _add_new_rows(conn, (before,))
@@ -238,7 +237,7 @@ _Processors = list[tuple[int, Callable[[Any], Any]]]
 _COMPILED: dict[str, tuple[str, list[str], _Processors]] = {}
 
 
-def _compiledupsert(conn: Connection) -> tuple[str, list[str], _Processors]:
+def _compiled_insert(conn: Connection) -> tuple[str, list[str], _Processors]:
     """``INSERT ... ON CONFLICT (request_id) DO NOTHING`` compiled once per dialect: the
     SQL, its parameter names in order, and the (index, bind processor) pairs."""
     dialect = conn.dialect
@@ -261,7 +260,7 @@ def _compiledupsert(conn: Connection) -> tuple[str, list[str], _Processors]:
 def _rows(conn: Connection, records: Sequence[UsageRecord]) -> list[Any]:
     """Each record's values in the compiled statement's order, bind-processed (lists,
     for COPY, on PostgreSQL; tuples for SQLite's positional parameters)."""
-    _, names, processors = _compiledupsert(conn)
+    _, names, processors = _compiled_insert(conn)
     positional = conn.dialect.name != "postgresql"
     out: list[Any] = []
     fields = [n for n in names if n not in ("lat_bucket", "ttft_bucket")]
@@ -282,7 +281,7 @@ def _rows(conn: Connection, records: Sequence[UsageRecord]) -> list[Any]:
 def _copy_in(conn: Connection, rows: list[Any]) -> list[int]:
     """PostgreSQL: the rows COPYed into a temporary table (emptied at commit), then
     inserted where their request id is new; the ids of the new rows."""
-    _, names, _ = _compiledupsert(conn)
+    _, names, _ = _compiled_insert(conn)
     columns = ", ".join(names)
     raw: Any = conn.connection.dbapi_connection
     with raw.cursor() as cur:
