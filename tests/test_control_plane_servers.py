@@ -190,15 +190,16 @@ async def test_a_database_of_the_previous_release_upgrades_in_place(
             "enabled, created_at, updated_at) VALUES ('alfred-4.2', 'Alfred', 'llm', :u, "
             "'ok', true, :t, :t), ('other', 'Other', 'llm', :u, 'ok', true, :t, :t)"),
             {"u": fake.base_url, "t": "2026-11-30 10:00:00+00:00"})
-        for name, admin, allowed in (("admin", True, None), ("plain", False, None),
-                                     ("only-alfred", False, '["alfred-4.2", "gone"]')):
+        for name, admin, allowed, rpm in (
+                ("admin", True, None, None), ("plain", False, None, 600),
+                ("only-alfred", False, '["alfred-4.2", "gone"]', None)):
             token, public_id, secret_hash = new_key()
             tokens[name] = token
             conn.execute(text(
                 "INSERT INTO api_keys (public_id, secret_hash, name, is_admin, "
                 "allowed_models, rate_limit_rpm, created_at) VALUES (:p, :h, :n, :a, :m, "
-                "NULL, :t)"), {"p": public_id, "h": secret_hash, "n": name, "a": admin,
-                               "m": allowed, "t": "2026-11-30 10:00:00+00:00"})
+                ":r, :t)"), {"p": public_id, "h": secret_hash, "n": name, "a": admin,
+                             "m": allowed, "r": rpm, "t": "2026-11-30 10:00:00+00:00"})
         conn.execute(text(
             "INSERT INTO usage_records (request_id, created_at, key_id, model, stream, "
             "status, outcome, duration_ms) VALUES ('r1', :t, 2, 'alfred-4.2', false, 200, "
@@ -236,6 +237,10 @@ async def test_a_database_of_the_previous_release_upgrades_in_place(
             assert r.status_code == 201, r.text  # the sequences continue past old rows
     finally:
         await gw.stop()
+    # 0006: a key's rate_limit_rpm is its rate_limits' rpm
+    limits = {k.record.name: k.record.rate_limits
+              for k in control.keys.list_(store, CLI, limit=100).data}
+    assert limits["plain"] == {"rpm": 600} and limits["admin"] is None
     (old,) = [u for u in store.list_usage() if u.request_id == "r1"]
     assert old.model_id is not None and old.user_id is not None and old.company_id == 1
     # 0004: the old record is in the rollups that reports read, with its latency bucket
