@@ -73,6 +73,32 @@ async def test_unknown_path(client: httpx.AsyncClient, keys: Keys) -> None:
     assert_envelope(await client.get("/nope", headers=auth(keys.full)), 404, "not_found")
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/api/v2/files"), ("POST", "/api/v2/files"), ("GET", "/api/v2/files/abc"),
+    ("DELETE", "/api/v2/files/abc/content"), ("POST", "/api/v2/query"),
+    ("POST", "/api/v2/chat/document-search"),
+    ("POST", "/api/v2/chat/document-analysis/start"), ("POST", "/api/v2/upload-session"),
+    ("GET", "/api/v2/upload-session/x/files"), ("GET", "/api/v2/rate/feedback"),
+    ("GET", "/api/v2/companies/1/workspaces"), ("POST", "/api/v2/companies/1/workspaces/2"),
+    ("GET", "/api/v2/reporting/chats"), ("GET", "/api/v2/files/"),
+])
+async def test_paradigms_paths_not_served_are_501_after_authentication(
+        client: httpx.AsyncClient, keys: Keys, method: str, path: str) -> None:
+    assert_envelope(await client.request(method, path), 401, "invalid_api_key")
+    r = await client.request(method, path, headers=auth(keys.full))
+    err = assert_envelope(r, 501, "not_implemented", type_="invalid_request_error")
+    assert "does not serve" in err["message"]
+
+
+@pytest.mark.parametrize("path", ["/api/v2/filez", "/api/v2/querys", "/api/v2/companies/1/x",
+                                  "/api/v2/chat/documents"])
+async def test_a_typo_is_still_404(client: httpx.AsyncClient, keys: Keys, path: str) -> None:
+    assert_envelope(await client.get(path, headers=auth(keys.full)), 404, "not_found")
+    # the served neighbours are untouched
+    r = await client.get("/api/v2/reporting/usage", headers=auth(keys.full))
+    assert r.status_code == 200
+
+
 async def test_models_list_shows_what_the_key_may_use(client: httpx.AsyncClient,
                                                       keys: Keys) -> None:
     r = await client.get("/api/v2/models", headers=auth(keys.full))

@@ -13,12 +13,12 @@ from . import admin, routes
 from .access import require
 from .asgi import ClientGone, Receive, Scope, Send, header, send_error
 from .config import Settings
-from .errors import GatewayError, MethodNotAllowed, NotFound
+from .errors import GatewayError, MethodNotAllowed, NotFound, NotServed
 from .gateway import Gateway
 from .routing import Endpoint, Request, Router, Table
 from .store import Store
 
-__all__ = ["PUBLIC_PATHS", "ROUTES", "App", "create_app"]
+__all__ = ["NOT_SERVED", "PUBLIC_PATHS", "ROUTES", "App", "create_app"]
 
 log = logging.getLogger("paragate.app")
 
@@ -45,6 +45,34 @@ PUBLIC_PATHS: dict[str, str] = {
     "/api/v2/openapi.json": "the API's description holds no data and helps clients integrate",
 }
 _ROUTER = Router(ROUTES)
+
+# Paradigm's /api/v2 paths that paragate does not serve, each with everything below it:
+# after authentication (401 without a key) they answer 501 `not_implemented`, so that a
+# client can tell a missing feature from a typo (404). `*` stands for one segment.
+NOT_SERVED: tuple[str, ...] = (
+    "/api/v2/files",
+    "/api/v2/query",
+    "/api/v2/chat/document-search",
+    "/api/v2/chat/document-analysis",
+    "/api/v2/upload-session",
+    "/api/v2/rate",
+    "/api/v2/companies/*/workspaces",
+    "/api/v2/reporting",  # but /api/v2/reporting/usage, which is served
+)
+_NOT_SERVED = tuple(tuple(p.strip("/").split("/")) for p in NOT_SERVED)
+
+
+def _not_served(path: str) -> str | None:
+    """The NOT_SERVED entry that ``path`` is, or lies below; None if none."""
+    parts = path.strip("/").split("/")
+    for entry, pattern in zip(NOT_SERVED, _NOT_SERVED, strict=True):
+        if len(parts) >= len(pattern) and all(
+                want == "*" or got == want
+                for want, got in zip(pattern, parts[:len(pattern)], strict=True)):
+            return entry
+    return None
+
+
 if {p for p, m in ROUTES.items() for e in m.values() if e.permission is None} != set(
         PUBLIC_PATHS):  # pragma: no cover - a bug, caught at import
     raise RuntimeError("the public endpoints and PUBLIC_PATHS disagree")
@@ -68,7 +96,12 @@ class App:
         try:
             found = _ROUTER.match(scope["path"])
             if found is None:
-                raise NotFound(f"No route for {scope['path'][:200]}.")
+                feature = _not_served(scope["path"])
+                if feature is None:
+                    raise NotFound(f"No route for {scope['path'][:200]}.")
+                gw.registry.authenticate(header(scope, b"authorization"))
+                raise NotServed(f"{feature} is part of Paradigm's API that this gateway "
+                                "does not serve.")
             _, (param, sub), methods = found
             endpoint = methods.get(scope["method"])
             if endpoint is None:

@@ -19,6 +19,7 @@ Hierarchy::
     ├── NotFound                      404 invalid_request_error / not_found
     │   └── ModelNotFound             404 invalid_request_error / model_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── NotServed                     501 invalid_request_error / not_implemented
     ├── Conflict                      409 invalid_request_error / conflict
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded
     │   ├── ConcurrencyLimited        429 rate_limit_error / concurrency_limit_exceeded
@@ -50,6 +51,7 @@ __all__ = [
     "ModelNotFound",
     "NoReplica",
     "NotFound",
+    "NotServed",
     "PermissionDenied",
     "RateLimited",
     "RequestTooLarge",
@@ -163,6 +165,15 @@ class ModelNotFound(NotFound):
             f"The model '{model}' does not exist or you do not have access to it.",
             param="model",
         )
+
+
+class NotServed(GatewayError):
+    """A path of Paradigm's API that this gateway does not serve (a missing feature,
+    not a typo: that is 404)."""
+
+    status = 501
+    type = "invalid_request_error"
+    default_code = "not_implemented"
 
 
 class MethodNotAllowed(GatewayError):
