@@ -40,7 +40,6 @@ from .resp import (
     RedisClient,
     RedisReplyError,
     RedisUnavailable,
-    Reply,
     Script,
     encode_args,
 )
@@ -493,13 +492,6 @@ class RedisLimiter:
                         "their reservations expire on their own, their tokens are not "
                         "added to the budgets", len(self._queue))
         await self._client.close()
-
-
-def _num(value: Reply | RedisReplyError) -> float:
-    """A number the scripts return (as an integer, or as text to keep its fraction)."""
-    if isinstance(value, int | bytes | str):
-        return float(value)
-    raise RedisReplyError(f"unexpected reply from a limits script: {value!r}")
 
 
 def _nothing(ticket: Ticket, used: int) -> None:
