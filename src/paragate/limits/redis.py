@@ -102,26 +102,35 @@ for i = 1, n do
     st[i] = new
     k = k + 1
   elseif cls == 'c' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
     local held = redis.call('ZCARD', KEYS[k])
+    if held >= value then  -- expired slots (a dead gateway's) only make it look fuller
+      redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
+      held = redis.call('ZCARD', KEYS[k])
+    end
     if held >= value then return '0 ' .. i .. ' 1 ' .. now end
     st[i] = value - held - 1
     k = k + 1
   else
     local zk, hk = KEYS[k], KEYS[k + 1]
-    while true do  -- expired reservations (a dead gateway's), a thousand at a time
-      local gone = redis.call('ZRANGEBYSCORE', zk, '-inf', now, 'LIMIT', 0, 1000)
-      if #gone == 0 then break end
-      local amounts = redis.call('HMGET', hk, unpack(gone))
-      local freed = 0
-      for j = 1, #gone do freed = freed + (tonumber(amounts[j]) or 0) end
-      redis.call('HDEL', hk, unpack(gone))
-      redis.call('ZREM', zk, unpack(gone))
-      redis.call('HINCRBY', hk, 'r', -freed)
-    end
     local reserved = tonumber(redis.call('HGET', hk, 'r') or '0')
     local spent = tonumber(redis.call('HGET', KEYS[k + 2], period(now, ARGV[a + 3])) or '0')
     local left = value - spent - reserved
+    if left < c then
+      -- expired reservations (a dead gateway's) only make it look fuller: swept, a
+      -- thousand at a time, only when the request would not fit otherwise
+      while true do
+        local gone = redis.call('ZRANGEBYSCORE', zk, '-inf', now, 'LIMIT', 0, 1000)
+        if #gone == 0 then break end
+        local amounts = redis.call('HMGET', hk, unpack(gone))
+        local freed = 0
+        for j = 1, #gone do freed = freed + (tonumber(amounts[j]) or 0) end
+        redis.call('HDEL', hk, unpack(gone))
+        redis.call('ZREM', zk, unpack(gone))
+        redis.call('HINCRBY', hk, 'r', -freed)
+        reserved = reserved - freed
+      end
+      left = value - spent - reserved
+    end
     if left < c then return '0 ' .. i .. ' ' .. string.format('%d', left) .. ' ' .. now end
     st[i] = reserved
     lefts[i] = left - c
