@@ -88,6 +88,26 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
+def _empty(url: str) -> None:
+    """Leave a test database empty for the next test."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_store(postgres_url: str) -> Iterator[Store]:
+    """A migrated store on the machine's PostgreSQL, emptied afterwards (for tests whose
+    gateways are processes of their own, sharing it)."""
+    store = Store(postgres_url)
+    store.migrate()
+    yield store
+    store.close()
+    _empty(postgres_url)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
@@ -95,12 +115,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     url: str = request.getfixturevalue("postgres_url")
     yield url
-    # leave the database empty for the next test
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
+    _empty(url)
 
 
 @pytest.fixture(scope="session")
@@ -183,10 +198,10 @@ async def wait_usage(store: Store, done: Callable[[list[UsageRecord]], bool],
     otherwise idle (a loaded machine delays it by seconds)."""
     deadline = time.monotonic() + timeout
     while True:
-        rows = store.list_usage()
+        rows = await asyncio.to_thread(store.list_usage)
         if done(rows):
             return rows
-        assert time.monotonic() < deadline, f"usage records not written in {timeout} s"
+        assert time.monotonic() < deadline, f"usage records never matched: {rows}"
         await asyncio.sleep(0.05)
 
 

@@ -298,6 +298,28 @@ async def test_a_lost_admission_is_released_once(redis_prefix: str) -> None:
     await limiter._client.close()
 
 
+async def test_a_script_error_follows_the_fail_mode_and_says_so(
+        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A key of the wrong type (another deployment sharing the prefix): the script
+    fails; the request gets the fail mode, and the log says it was the script, not an
+    outage. A settlement that fails the same way is dropped, not retried for ever."""
+    limiter = RedisLimiter(REDIS, prefix=redis_prefix)
+    await limiter._client.execute("SET", f"{{{redis_prefix}}}:c:k:1:max_concurrent", "x")
+    ticket = await limiter.admit([lim("max_concurrent", 2)], 0, 0, "m")
+    assert ticket.headers == []  # admitted uncounted (open, the default)
+    assert "the rate-limit script failed in Redis" in caplog.text
+    assert "WRONGTYPE" in caplog.text
+    await limiter.start()
+    budget = [lim("daily_tokens", 100, "k", 2)]
+    held = await limiter.admit(budget, 10, 1, "m")
+    await limiter._client.execute("SET", f"{{{redis_prefix}}}:b:k:2:daily_tokens", "x")
+    held.settle(5)
+    await settled(limiter)
+    assert "settlements dropped" in caplog.text
+    assert not limiter._queue and held.id not in limiter._live
+    await limiter.stop()
+
+
 async def test_thousands_of_expired_reservations_are_swept(redis_prefix: str) -> None:
     """A gateway killed holding more reservations on one budget than Lua can unpack
     at once (about 8,000) must not break the next admission."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -58,22 +57,6 @@ def _retry_after(answer: bytes) -> int:
     raise AssertionError(f"no Retry-After: {answer[:300]!r}")
 
 
-@pytest.fixture
-def shared(postgres_url: str) -> Iterator[Store]:
-    """A PostgreSQL store of its own (emptied afterwards), for gateways sharing Redis."""
-    from sqlalchemy import create_engine, text
-
-    store = Store(postgres_url)
-    store.migrate()
-    yield store
-    store.close()
-    engine = create_engine(postgres_url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-
-
 def two_gateways(tmp_path: Path, store: Store, prefix: str,
                  **settings: str) -> list[GatewayProcess]:
     return [start_gateway(tmp_path, str(store.url), PARAGATE_REDIS_URL=REDIS,
@@ -81,10 +64,10 @@ def two_gateways(tmp_path: Path, store: Store, prefix: str,
 
 
 async def test_a_burst_across_two_instances_admits_the_limit(
-        shared: Store, tmp_path: Path, fake: FakeVLLM, redis_prefix: str) -> None:
-    seed(shared, fake)
-    key, _ = make_key(shared, "burst", rate_limit_rpm=60)
-    gws = await asyncio.to_thread(two_gateways, tmp_path, shared, redis_prefix)
+        pg_store: Store, tmp_path: Path, fake: FakeVLLM, redis_prefix: str) -> None:
+    seed(pg_store, fake)
+    key, _ = make_key(pg_store, "burst", rate_limit_rpm=60)
+    gws = await asyncio.to_thread(two_gateways, tmp_path, pg_store, redis_prefix)
     try:
         body = b'{"model": "alfred-4.2", "prompt": "x", "max_tokens": 1}'
         statuses, answers, took = await burst([g.url for g in gws], key, body, 500)
@@ -104,15 +87,15 @@ async def test_a_burst_across_two_instances_admits_the_limit(
 
 
 async def test_a_token_budget_across_two_instances_with_streams(
-        shared: Store, tmp_path: Path, fake: FakeVLLM, redis_prefix: str) -> None:
+        pg_store: Store, tmp_path: Path, fake: FakeVLLM, redis_prefix: str) -> None:
     """Each stream reserves 3 (its prompt: three token ids) + 7 tokens and uses as many
     (the fake reports 3 prompt tokens and 7 completion tokens): a budget of 600 admits
     60, whatever the order in which they are admitted and settle."""
-    seed(shared, fake)
-    user = control.users.create(shared, CLI, email="b@budget.example", company_id=1,
+    seed(pg_store, fake)
+    user = control.users.create(pg_store, CLI, email="b@budget.example", company_id=1,
                                 rate_limits={"daily_tokens": 600})
-    key, _ = make_key(shared, "budget", user_id=user.id)
-    gws = await asyncio.to_thread(two_gateways, tmp_path, shared, redis_prefix)
+    key, _ = make_key(pg_store, "budget", user_id=user.id)
+    gws = await asyncio.to_thread(two_gateways, tmp_path, pg_store, redis_prefix)
     try:
         body = (b'{"model": "alfred-4.2", "prompt": [1, 2, 3], "max_tokens": 7, '
                 b'"stream": true}')
@@ -138,12 +121,12 @@ async def test_a_token_budget_across_two_instances_with_streams(
 
 
 async def test_a_killed_gateways_reservations_expire(
-        shared: Store, tmp_path: Path, fake: FakeVLLM, redis_prefix: str) -> None:
-    seed(shared, fake)
-    key, public_id = make_key(shared, "held")
-    control.keys.update(shared, CLI, public_id,
+        pg_store: Store, tmp_path: Path, fake: FakeVLLM, redis_prefix: str) -> None:
+    seed(pg_store, fake)
+    key, public_id = make_key(pg_store, "held")
+    control.keys.update(pg_store, CLI, public_id,
                         rate_limits={"max_concurrent": 2, "daily_tokens": 1000})
-    gws = await asyncio.to_thread(two_gateways, tmp_path, shared, redis_prefix,
+    gws = await asyncio.to_thread(two_gateways, tmp_path, pg_store, redis_prefix,
                                   PARAGATE_LIMITS_RESERVATION_TTL="2")
     doomed, other = gws
     headers = {"Authorization": f"Bearer {key}"}
@@ -180,13 +163,13 @@ async def test_a_killed_gateways_reservations_expire(
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
-async def test_redis_cut_off_under_load(shared: Store, tmp_path: Path, fake: FakeVLLM,
+async def test_redis_cut_off_under_load(pg_store: Store, tmp_path: Path, fake: FakeVLLM,
                                         redis_prefix: str, mode: str) -> None:
-    seed(shared, fake)
-    key, _ = make_key(shared, "load", rate_limit_rpm=1_000_000)
+    seed(pg_store, fake)
+    key, _ = make_key(pg_store, "load", rate_limit_rpm=1_000_000)
     proxy = TcpProxy("127.0.0.1", 6379)
     gw = await asyncio.to_thread(
-        start_gateway, tmp_path, str(shared.url),
+        start_gateway, tmp_path, str(pg_store.url),
         PARAGATE_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0", PARAGATE_REDIS_PREFIX=redis_prefix,
         PARAGATE_LIMITS_FAIL_MODE=mode)
     seen: dict[int, int] = {}

@@ -7,28 +7,16 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from paragate.store import Store, UsageRecord
+from paragate.store import Store
 
-from .conftest import seed
+from .conftest import seed, wait_usage
 from .fake_vllm import FakeVLLM
 from .servers import GatewayProcess, start_gateway
-
-
-async def wait_records(store: Store, ok: Callable[[list[UsageRecord]], bool],
-                       timeout: float = 10) -> list[UsageRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = await asyncio.to_thread(store.list_usage)
-        if ok(records):
-            return records
-        assert time.monotonic() < deadline, f"usage records never matched: {records}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -63,7 +51,7 @@ async def test_no_chunk_is_held_back_for_usage(tmp_path: Path, sqlite_store: Sto
                 seen += text
         assert seen.endswith("data: [DONE]\n\n")
         assert '"usage"' not in seen
-        (record,) = await wait_records(sqlite_store, lambda rs: len(rs) == 1)
+        (record,) = await wait_usage(sqlite_store, lambda rs: len(rs) == 1)
         assert (record.completion_tokens, record.partial) == (3, False)
     finally:
         await asyncio.to_thread(gw.stop)
@@ -85,7 +73,7 @@ async def test_client_disconnect_mid_stream_gives_a_partial_record(
                 seen += text
                 if seen.count('"text"') >= 3:
                     break  # hang up after three tokens
-        (record,) = await wait_records(sqlite_store, lambda rs: len(rs) == 1)
+        (record,) = await wait_usage(sqlite_store, lambda rs: len(rs) == 1)
         # one token every 50 ms: the gateway heard of at most a few more than we read
         assert record.outcome == "client_disconnected" and record.partial
         assert record.status == 200 and record.prompt_tokens == 3
@@ -171,12 +159,11 @@ async def test_sigterm_under_load_fails_nothing_and_exits_once_idle(
 
 
 @pytest.mark.postgres
-async def test_kill_9_under_load_loses_no_record(tmp_path: Path, postgres_url: str,
+async def test_kill_9_under_load_loses_no_record(tmp_path: Path, pg_store: Store,
                                                  fake: FakeVLLM) -> None:
     """Every request that got a complete response has exactly one record after a
     ``kill -9`` and a restart on the same journal."""
-    store = Store(postgres_url)
-    store.migrate()
+    store, postgres_url = pg_store, str(pg_store.url)
     keys = seed(store, fake)
     journal = str(tmp_path / "journal")
     gw = await asyncio.to_thread(start_gateway, tmp_path, postgres_url,
@@ -212,7 +199,7 @@ async def test_kill_9_under_load_loses_no_record(tmp_path: Path, postgres_url: s
     restarted: GatewayProcess = await asyncio.to_thread(
         start_gateway, tmp_path, postgres_url, PARAGATE_JOURNAL_DIR=journal)
     try:
-        records = await wait_records(store, lambda rs: {
+        records = await wait_usage(store, lambda rs: {
             r.client_request_id for r in rs} >= set(completed), timeout=20)
         ids = [r.client_request_id for r in records]
         assert len(ids) == len(set(ids))  # exactly one each
@@ -220,4 +207,3 @@ async def test_kill_9_under_load_loses_no_record(tmp_path: Path, postgres_url: s
                    if r.client_request_id in set(completed))
     finally:
         await asyncio.to_thread(restarted.stop)
-        store.close()

@@ -29,7 +29,6 @@ __all__ = [
     "CONCURRENCY",
     "KINDS",
     "RATE",
-    "SCOPES",
     "Limit",
     "Standing",
     "check_rate_limits",
@@ -42,10 +41,10 @@ __all__ = [
 ]
 
 KINDS = ("rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens")
-SCOPES = {"k": "key", "u": "user", "c": "company", "m": "model"}
 RATE, CONCURRENCY, BUDGET = "r", "c", "b"
 _CLASS = {"rpm": RATE, "tpm": RATE, "max_concurrent": CONCURRENCY,
           "daily_tokens": BUDGET, "monthly_tokens": BUDGET}
+_TOKENS = ("tpm", "daily_tokens", "monthly_tokens")  # the kinds that count tokens
 _MAX_VALUE = 10**15
 
 
@@ -69,7 +68,7 @@ def limits_of(scope: str, scope_id: int, rate_limits: Mapping[str, int] | None
         return ()
     return tuple(
         Limit(scope, scope_id, kind, int(rate_limits[kind]), f"{scope}:{scope_id}:{kind}",
-              _CLASS[kind], kind != "rpm" and kind != "max_concurrent")
+              _CLASS[kind], kind in _TOKENS)
         for kind in KINDS if rate_limits.get(kind))
 
 
@@ -91,7 +90,7 @@ def check_rate_limits(value: Any, param: str = "rate_limits") -> dict[str, int] 
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _MAX_VALUE:
-            raise InvalidRequest(f"'{param}.{kind}' must be an integer of at least 1, or "
+            raise InvalidRequest(f"'{param}.{kind}' must be an integer from 1 to 10^15, or "
                                  f"null for no limit; got {v!r}.", param=f"{param}.{kind}",
                                  code="invalid_value")
         out[kind] = v
