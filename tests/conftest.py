@@ -240,6 +240,7 @@ def seed(store: Store, fake: FakeVLLM) -> Keys:
               max_tokens_limit=10)
     add_model(store, "off", fake.base_url, "ok", enabled=False)
     add_model(store, "down", "http://127.0.0.1:9/v1", "ok")
+    add_model(store, "embedder", fake.base_url, "ok", type="embedding")
     for behaviour in FAKE_BEHAVIOURS:
         add_model(store, behaviour, fake.base_url, behaviour)
     full, full_id = make_key(store, "full")

@@ -1,5 +1,6 @@
-"""A small fake of vLLM's ``/v1/completions`` for the faults a real vLLM can't be made
-to produce on demand.
+"""A small fake of vLLM's ``/v1/completions`` (and ``/v1/chat/completions``,
+``/v1/embeddings``, ``/tokenize`` in the same shapes) for the faults a real vLLM can't be
+made to produce on demand.
 
 The served model name picks the behaviour, so one fake serves every case:
 
@@ -20,8 +21,8 @@ Streams follow vLLM 0.32: ``stream_options.include_usage`` adds the usage chunk 
 moves ``system_fingerprint`` from each choice's last chunk to it), ``continuous_usage_stats``
 with it adds running usage to every chunk; ``n`` choices are interleaved.
 
-Every request body is kept in ``FakeVLLM.requests``; ``FakeVLLM.closed_early`` counts
-streams whose client went away before the end.
+Every request body is kept in ``FakeVLLM.requests`` (its path in ``FakeVLLM.paths``);
+``FakeVLLM.closed_early`` counts streams whose client went away before the end.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class FakeVLLM:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.requests: list[dict[str, Any]] = []
+        self.paths: list[str] = []
         self.closed_early = 0
         self.connections = 0
         self.gate = asyncio.Event()
@@ -64,6 +66,9 @@ class FakeVLLM:
     async def start(self) -> FakeVLLM:
         app = web.Application()
         app.router.add_post("/v1/completions", self._counted)
+        app.router.add_post("/v1/chat/completions", self._counted)
+        app.router.add_post("/v1/embeddings", self._counted)
+        app.router.add_post("/tokenize", self._counted)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
@@ -103,6 +108,7 @@ class FakeVLLM:
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.paths.append(request.path)
         model = body["model"]
         if model.startswith("status-"):
             status = int(model.removeprefix("status-"))
@@ -115,18 +121,36 @@ class FakeVLLM:
             await asyncio.sleep(3600)
         if model == "garbage":
             return web.Response(body=b"<html>oops</html>", content_type="text/html")
-        n_tokens = int(body.get("max_tokens") or 16)
+        if request.path == "/tokenize":
+            return web.Response(body=_dumps({"count": 3, "max_model_len": 2048,
+                                             "tokens": [1, 2, 3], "token_strs": None}),
+                                content_type="application/json")
+        if request.path == "/v1/embeddings":
+            inputs = body["input"]
+            many = isinstance(inputs, list) and isinstance(inputs[0], str | list)
+            count = len(inputs) if many else 1
+            return web.Response(body=_dumps({
+                "id": "embd-fake", "object": "list", "created": int(time.time()),
+                "model": model, "data": [{"index": i, "object": "embedding",
+                                          "embedding": [0.5, -0.25]} for i in range(count)],
+                "usage": {"prompt_tokens": 3 * count, "total_tokens": 3 * count,
+                          "completion_tokens": 0, "prompt_tokens_details": None}}),
+                content_type="application/json")
+        chat = request.path == "/v1/chat/completions"
+        n_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         created = int(time.time())
-        base = {"id": "cmpl-fake", "object": "text_completion", "created": created,
-                "model": model}
+        base = {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": model}
         usage = {"prompt_tokens": 3, "total_tokens": 3 + n_tokens,
                  "completion_tokens": n_tokens, "prompt_tokens_details": None}
         if not body.get("stream"):
+            text = " tok" * n_tokens
             return web.Response(body=_dumps({
                 **base,
-                "choices": [{"index": 0, "text": " tok" * n_tokens, "logprobs": None,
-                             "finish_reason": "length", "stop_reason": None,
-                             "prompt_logprobs": None}],
+                "choices": [{"index": 0, **({"message": {"role": "assistant", "content": text}}
+                                            if chat else {"text": text}),
+                             "logprobs": None, "finish_reason": "length",
+                             "stop_reason": None, "prompt_logprobs": None}],
                 "usage": usage, "service_tier": None, "system_fingerprint": FINGERPRINT,
                 "kv_transfer_params": None,
             }), content_type="application/json")
@@ -136,6 +160,8 @@ class FakeVLLM:
         include_usage = bool(options.get("include_usage"))
         running = include_usage and bool(options.get("continuous_usage_stats"))
         n = int(body.get("n") or 1)
+        if chat:
+            base["object"] = "chat.completion.chunk"
         usage["completion_tokens"] = n_tokens * n
         usage["total_tokens"] = 3 + n_tokens * n
         try:
@@ -143,7 +169,8 @@ class FakeVLLM:
                 last = i == n_tokens - 1
                 for choice in range(n):
                     chunk: dict[str, Any] = {**base, "choices": [{
-                        "index": choice, "text": f" t{i}", "logprobs": None,
+                        "index": choice, **({"delta": {"content": f" t{i}"}} if chat
+                                            else {"text": f" t{i}"}), "logprobs": None,
                         "finish_reason": "length" if last else None, "stop_reason": None}]}
                     if running:
                         chunk["usage"] = {"prompt_tokens": 3, "total_tokens": 3 + i + 1,

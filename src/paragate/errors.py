@@ -13,6 +13,7 @@ Hierarchy::
     ├── InvalidRequest                400 invalid_request_error / invalid_value
     │   ├── RequestTooLarge           413 invalid_request_error / request_too_large
     │   ├── ReservationTooLarge       400 invalid_request_error / reservation_too_large
+    │   ├── WrongModelType            400 invalid_request_error / wrong_model_type
     │   └── UnsupportedMediaType      415 invalid_request_error / unsupported_media_type
     ├── AuthenticationFailed          401 authentication_error / invalid_api_key
     ├── PermissionDenied              403 permission_error / permission_denied
@@ -67,6 +68,7 @@ __all__ = [
     "UpstreamTotalTimeout",
     "UpstreamUnavailable",
     "ViewTooOld",
+    "WrongModelType",
 ]
 
 
@@ -129,6 +131,13 @@ class ReservationTooLarge(InvalidRequest):
     capacity, a whole budget) or the model's cap on one request's tokens."""
 
     default_code = "reservation_too_large"
+
+
+class WrongModelType(InvalidRequest):
+    """A model asked for what its type does not serve: an embedding model for a
+    completion, an LLM for embeddings."""
+
+    default_code = "wrong_model_type"
 
 
 class UnsupportedMediaType(InvalidRequest):

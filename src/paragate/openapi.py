@@ -1,6 +1,7 @@
-"""The OpenAPI document, built from ``protocol.FIELDS`` (the completions request) and
-``schemas`` (the control plane's bodies and answers), so it describes what the code
-accepts and answers. The completion response schemas are the seed's (Paradigm API v2)."""
+"""The OpenAPI document, built from each endpoint's ``FIELDS`` in ``protocol/`` (the
+requests forwarded to models) and ``schemas`` (the control plane's bodies and answers),
+so it describes what the code accepts and answers. The completion response schemas are
+the seed's (Paradigm API v2); the other endpoints' answers are vLLM's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import msgspec
 
 from . import __version__
 from . import schemas as s
-from .protocol import FIELDS, MAX_STOP, Field
+from .protocol import FIELDS, MAX_STOP, Field, chat, embeddings, tokenize
 
 __all__ = ["document"]
 
@@ -36,6 +37,10 @@ def _schema(f: Field) -> dict[str, Any]:
                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
     elif f.kind == "object":
         schema = {"type": "object", "nullable": True, "additionalProperties": {}}
+    elif f.kind == "array":
+        schema = {"type": "array", "nullable": True, "items": {}}
+    elif f.kind == "json":
+        schema = {"nullable": True}
     else:
         schema = {"type": f.kind, "nullable": f.name not in ("model",)}
         if f.kind == "number":
@@ -46,6 +51,8 @@ def _schema(f: Field) -> dict[str, Any]:
             schema["exclusiveMinimum"] = True
     if f.maximum is not None:
         schema["maximum"] = f.maximum
+    if f.enum:
+        schema["enum"] = list(f.enum)
     schema["description"] = f.description
     return schema
 
@@ -273,15 +280,68 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
-def document() -> dict[str, Any]:
-    request_schema = {
+def _request(fields: tuple[Field, ...], what: str, *required: str) -> dict[str, Any]:
+    return {
         "type": "object",
-        "description": "Request for the completions endpoint (OpenAI-compatible). Fields "
+        "description": f"Request for the {what} endpoint (OpenAI-compatible). Fields "
                        "not listed are passed to vLLM unchanged.",
-        "properties": {f.name: _schema(f) for f in FIELDS},
-        "required": ["model", "prompt"],
+        "properties": {f.name: _schema(f) for f in fields},
+        "required": ["model", *required],
         "additionalProperties": True,
     }
+
+
+def _forwarded(op_id: str, summary: str, request: str, answer: dict[str, Any],
+               answered: str, *, forms: str = "form") -> dict[str, Any]:
+    """POST of an endpoint that forwards to a model: JSON and form bodies."""
+    ref = {"$ref": f"#/components/schemas/{request}"}
+    form = {"schema": ref, "description": forms} if forms != "form" else {"schema": ref}
+    return {"post": {
+        "tags": ["Models"], "summary": summary, "operationId": op_id,
+        "security": [{"bearerAuth": []}],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": ref},
+            "application/x-www-form-urlencoded": form,
+            "multipart/form-data": form,
+        }},
+        "responses": {"200": {"description": answered, "headers": _RATE_HEADERS,
+                              "content": answer}, **_ERRORS},
+    }}
+
+
+_OBJECT = {"type": "object", "additionalProperties": True}
+_CHAT_ANSWER = {
+    "application/json": {"schema": {**_OBJECT, "description": "vLLM's chat.completion "
+                                    "object: id, object, created, model, choices "
+                                    "(message, finish_reason, logprobs), usage."}},
+    "text/event-stream": {"schema": {"type": "string", "description": "chat.completion."
+                                     "chunk events, then `data: [DONE]`."}},
+}
+_EMBEDDINGS_ANSWER = {"application/json": {"schema": {
+    "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+        "object": {"type": "string", "description": "Always 'list'."},
+        "model": {"type": "string"},
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            "object": {"type": "string"}, "index": {"type": "integer"},
+            "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                    {"type": "string", "format": "byte"}]}}}},
+        "usage": {"type": "object", "properties": {
+            "prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}},
+    }, "additionalProperties": True}}}
+_TOKENIZE_ANSWER = {"application/json": {"schema": {
+    "type": "object", "required": ["total_tokens", "count", "tokens"], "properties": {
+        "total_tokens": {"type": "integer", "description": "Paradigm's name for `count`."},
+        "count": {"type": "integer", "description": "vLLM's: the number of tokens."},
+        "max_model_len": {"type": "integer", "description": "vLLM's: the model's context."},
+        "tokens": {"type": "array", "items": {"type": "integer"}},
+        "token_strs": {"type": "array", "items": {"type": "string"}, "nullable": True},
+    }, "additionalProperties": True}}}
+_JSON_TEXT = ("In a form body, `messages` and `tools` are JSON text; every other field "
+              "is coerced to its type.")
+
+
+def document() -> dict[str, Any]:
+    request_schema = _request(FIELDS, "completions", "prompt")
     ref = {"$ref": "#/components/schemas/CompletionsRequest"}
     return {
         "openapi": "3.0.3",
@@ -312,6 +372,18 @@ def document() -> dict[str, Any]:
                     **_ERRORS,
                 },
             }},
+            "/api/v2/chat/completions": _forwarded(
+                "api_v2_chat_completions_create", "Generate a chat completion",
+                "ChatCompletionsRequest", _CHAT_ANSWER, "A chat completion (JSON), or "
+                "with `stream: true` server-sent events ending with `data: [DONE]`.",
+                forms=_JSON_TEXT),
+            "/api/v2/embeddings": _forwarded(
+                "api_v2_embeddings_create", "Embed text or token ids (models of type "
+                "embedding)", "EmbeddingsRequest", _EMBEDDINGS_ANSWER, "The vectors."),
+            "/api/v2/tokenize": _forwarded(
+                "api_v2_tokenize", "Tokenize a prompt or a conversation with the model's "
+                "tokenizer", "TokenizeRequest", _TOKENIZE_ANSWER, "The tokens.",
+                forms=_JSON_TEXT),
             "/api/v2/models": {
                 "get": _op("api_v2_models_list", "List the models this key may use (system "
                            "admins also see their configuration; `all=true`: every "
@@ -375,6 +447,10 @@ def document() -> dict[str, Any]:
             "schemas": {
                 **_generated(),
                 "CompletionsRequest": request_schema,
+                "ChatCompletionsRequest": _request(chat.FIELDS, "chat completions",
+                                                   "messages"),
+                "EmbeddingsRequest": _request(embeddings.FIELDS, "embeddings", "input"),
+                "TokenizeRequest": _request(tokenize.FIELDS, "tokenize"),
                 "CompletionsResponse": {
                     "type": "object",
                     "properties": {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -91,6 +91,9 @@ class Target:
     timeouts: Timeouts | None = None  # the model's; None: the pool's defaults
     affinity: int | None = None  # the request's affinity key (``balancer.affinity_key``)
     headers: Sequence[tuple[bytes, bytes]] = ()  # more answer headers (x-ratelimit-*)
+    path: str = "completions"  # upstream, under the replica's URL (``Replica.endpoint``)
+    answer: Callable[[bytes], bytes] | None = None  # rewrites a JSON answer (tokenize)
+    generates: bool = True  # the answer is a generation's (it has system_fingerprint)
 
     def model_rewriter(self) -> tuple[bytes, bytes] | None:
         """(old, new) bytes of the ``model`` member, or None when the names agree.
@@ -157,7 +160,7 @@ async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchang
     waiting = time.monotonic()
     try:
         async with balancer.post(target.fleet, target.body, target.timeouts,
-                             target.affinity, ex.tried) as (
+                                 target.affinity, ex.tried, target.path) as (
                 replica, resp):
             url = replica.url
             data = await resp.read()
@@ -173,11 +176,14 @@ async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchang
         ex.outcome = "upstream_error"
         raise UpstreamFailed("The model server sent a malformed response.") from exc
     _take_usage(ex, answer.usage)
-    if answer.system_fingerprint is not None or url not in _FINGERPRINTS:
+    if target.generates and (answer.system_fingerprint is not None
+                             or url not in _FINGERPRINTS):
         _learn_fingerprint(url, answer.system_fingerprint)
     rewrite = target.model_rewriter()
     if rewrite:
         data = data.replace(rewrite[0], rewrite[1], 1)
+    if target.answer is not None:
+        data = target.answer(data)
     ex.status, ex.outcome = 200, "ok"
     ex.finish()  # journaled before the answer leaves
     await start_response(send, 200, [(b"content-type", b"application/json"),
@@ -320,7 +326,7 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
     record is journaled before the event that ends the stream is sent."""
     waiting = time.monotonic()
     async with balancer.post(target.fleet, target.body, target.timeouts,
-                             target.affinity, ex.tried) as (
+                             target.affinity, ex.tried, target.path) as (
             replica, resp):
         ex.waited += time.monotonic() - waiting
         events = _Events(target, replica.url, want_usage, want_running, n, ex)

@@ -96,8 +96,8 @@ def _mix(x: int) -> int:
 class Replica:
     """One replica's configuration and its live state in this process."""
 
-    __slots__ = ("address", "api_key", "backoff", "base_url", "completions_url",
-                 "ejected", "errors", "fails", "id", "inflight", "last_error",
+    __slots__ = ("_urls", "address", "api_key", "backoff", "base_url", "ejected",
+                 "errors", "fails", "id", "inflight", "last_error",
                  "latency_ms", "others", "probe_at", "record", "requests", "running",
                  "salt", "takes_traffic", "url", "waiting", "weight")
 
@@ -127,11 +127,20 @@ class Replica:
             self.salt ^= _mix(int.from_bytes(hashlib.blake2b(
                 self.address.encode(), digest_size=8).digest(), "big"))
         self.url = url
-        self.completions_url = url.rstrip("/") + "/completions"
         self.base_url = base
+        self._urls: dict[str, str] = {}
         self.api_key = record.upstream_api_key
         self.weight = max(record.weight, 1)
         self.takes_traffic = record.enabled and not record.draining
+
+    def endpoint(self, path: str) -> str:
+        """The URL of an upstream path: ``completions`` lies under the replica's URL
+        (vLLM's ``/v1``), ``/tokenize`` (a leading slash) at its root."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = (self.base_url.rstrip("/") + path if path[0] == "/"
+                                      else self.url.rstrip("/") + "/" + path)
+        return url
 
     @property
     def state(self) -> str:
@@ -350,9 +359,10 @@ class Balancer:
 
     @asynccontextmanager
     async def post(self, fleet: Fleet, body: bytes, timeouts: Timeouts | None = None,
-                   key: int | None = None, chosen: Callable[[str], None] | None = None
-                   ) -> AsyncIterator[tuple[Replica, Response]]:
-        """POST ``body`` to a replica of ``fleet`` (trying others where safe) and yield
+                   key: int | None = None, chosen: Callable[[str], None] | None = None,
+                   path: str = "completions") -> AsyncIterator[tuple[Replica, Response]]:
+        """POST ``body`` to ``path`` (``Replica.endpoint``) of a replica of ``fleet``
+        (trying others where safe) and yield
         (the replica, its answer, headers read). The replica's counts and health follow
         from how the block ends. ``timeouts``: the model's (its total counts from here,
         across tries); ``key``: the request's affinity key, if its model has one;
@@ -375,7 +385,7 @@ class Balancer:
                 started = time.monotonic()
             yielded = False
             try:
-                async with self.upstreams.post(replica.completions_url, body,
+                async with self.upstreams.post(replica.endpoint(path), body,
                                                replica.api_key, timeouts, until) as resp:
                     took = (time.monotonic() - started) * 1000
                     replica.latency_ms = took if replica.latency_ms is None else (

@@ -1,0 +1,217 @@
+"""``POST /api/v2/chat/completions``: the chat request's fields and checks, as vLLM's
+OpenAI server takes them. The sampling fields are the completions request's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..errors import InvalidRequest
+from .completions import FIELDS as _COMPLETION_FIELDS
+from .completions import too_large
+from .fields import (
+    Field,
+    ModelRequest,
+    check_fields,
+    check_max,
+    check_priority,
+    checked_fields,
+    decode_body,
+    required_model,
+    stream_flags,
+)
+from .fields import extra as _extra
+from .fields import field as _f
+
+__all__ = ["FIELDS", "ROLES", "ChatRequest", "check_messages", "parse_chat"]
+
+_SHARED = {f.name: f for f in _COMPLETION_FIELDS}
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_CONTENT_REQUIRED = ("system", "developer", "user", "tool")
+
+FIELDS: tuple[Field, ...] = (
+    _SHARED["model"],
+    _f("messages", "json", "The conversation: a non-empty list of messages, each with a "
+       "`role` (system, developer, user, assistant, tool) and a `content` (a string or a "
+       "list of content parts; an assistant's may be null when it has `tool_calls`). In a "
+       "form body, a JSON string.", seed=False),
+    _f("max_completion_tokens", "integer", "Maximum number of tokens to generate.",
+       minimum=0, seed=False),
+    _f("max_tokens", "integer", "Maximum number of tokens to generate (deprecated by "
+       "OpenAI in favour of `max_completion_tokens`).", minimum=0, seed=False),
+    *(_SHARED[name] for name in ("temperature", "top_p", "n", "stream", "stop",
+                                 "presence_penalty", "frequency_penalty", "logit_bias",
+                                 "user", "seed", "stream_options")),
+    _f("logprobs", "boolean", "Return the log probabilities of the output tokens.",
+       seed=False),
+    _f("top_logprobs", "integer", "With `logprobs`, how many of the most likely tokens to "
+       "return at each position (up to the model's maximum).", minimum=0, seed=False),
+    _f("tools", "array", "Functions the model may call: `{\"type\": \"function\", "
+       "\"function\": {\"name\", \"description\", \"parameters\"}}`. In a form body, a "
+       "JSON string.", seed=False),
+    _f("tool_choice", "json", "`none`, `auto`, `required`, or `{\"type\": \"function\", "
+       "\"function\": {\"name\": ...}}`.", seed=False),
+    _f("parallel_tool_calls", "boolean", "Whether the model may call several tools at "
+       "once.", seed=False),
+    _f("response_format", "object", "`{\"type\": \"text\"}`, `{\"type\": \"json_object\"}` "
+       "or `{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}`.",
+       seed=False),
+    *(f for f in _COMPLETION_FIELDS if not f.checked),  # vLLM's sampling extras
+    _extra("add_generation_prompt", "boolean", "vLLM: end the prompt with the template's "
+           "generation prompt (default true)."),
+    _extra("continue_final_message", "boolean", "vLLM: continue the last message instead "
+           "of starting a new one."),
+    _extra("echo", "boolean", "vLLM: start the answer with the last message's content."),
+    _extra("chat_template_kwargs", "object", "vLLM: more variables for the chat template."),
+    _extra("structured_outputs", "object", "vLLM: guided decoding (json, regex, choice, "
+           "grammar)."),
+)
+_BY_NAME = {f.name: f for f in FIELDS}
+_CHECKED = checked_fields(FIELDS, "model", "messages", "tool_choice")
+_FORMATS = ("text", "json_object", "json_schema", "structural_tag")
+
+
+@dataclass(slots=True)
+class ChatRequest(ModelRequest):
+    """A checked chat completions request."""
+
+    def upstream_body(self, upstream_model: str, *, max_logprobs: int,
+                      default_max_tokens: int | None, max_tokens_limit: int | None) -> bytes:
+        body = self.body
+        top = body.get("top_logprobs")
+        if top is not None and top > max_logprobs:
+            raise InvalidRequest(
+                f"'top_logprobs' must be at most {max_logprobs} for model '{self.model}', "
+                f"got {top}.", param="top_logprobs")
+        if max_tokens_limit is not None:
+            check_max(body, ("max_completion_tokens", "max_tokens"), max_tokens_limit,
+                      self.model)
+        changed = upstream_model != self.model
+        if (default_max_tokens is not None and body.get("max_completion_tokens") is None
+                and body.get("max_tokens") is None):
+            body["max_completion_tokens"] = default_max_tokens
+            changed = True
+        return self.encode(upstream_model, changed)
+
+    def check_caps(self, *, max_prompts: int, max_n: int, allow_priority: bool) -> None:
+        check_max(self.body, ("n",), max_n, self.model)
+        check_priority(self.body, allow_priority)
+
+    def reservation(self, *, reserve_max_tokens: int, max_request_tokens: int
+                    ) -> tuple[int, int]:
+        """The prompt's estimate is the body's size in bytes: the messages and tools as
+        JSON are at least as long as the text the chat template makes of them, give or
+        take the template's own words, and settling puts vLLM's count in its place."""
+        body = self.body
+        estimate = len(self.raw) if self.raw is not None else len(msgspec.json.encode(
+            [body.get("messages"), body.get("tools")]))
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = reserve_max_tokens
+        tokens = estimate + max_tokens * self.n
+        return too_large(tokens, max_request_tokens, self.model), estimate
+
+
+def parse_chat(content_type: bytes | None, raw: bytes) -> ChatRequest:
+    """Decode a JSON (or form: ``messages`` and ``tools`` as JSON text) body and check it."""
+    body, as_sent = decode_body(content_type, raw, _BY_NAME)
+    model = required_model(body)
+    check_messages(body.get("messages"))
+    check_fields(body, _CHECKED)
+    _check_tools(body)
+    _check_response_format(body.get("response_format"))
+    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.",
+                             param="top_logprobs")
+    stream, include_usage, running = stream_flags(body)
+    return ChatRequest(body=body, raw=as_sent, model=model, stream=stream,
+                       include_usage=include_usage, running_usage=running,
+                       n=body.get("n") or 1)
+
+
+def _bad(param: str, message: str, code: str = "invalid_value") -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def check_messages(messages: Any) -> None:
+    """A non-empty list of messages, each with a known role and a content that is a
+    string or a list of parts (null only for an assistant)."""
+    if messages is None:
+        raise _bad("messages", "'messages' is required.", "missing_field")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty list of messages.",
+                   "invalid_type")
+    for i, message in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(at, f"'{at}' must be a JSON object with 'role' and 'content'.",
+                       "invalid_type")
+        role = message.get("role")
+        if role is None:
+            raise _bad(f"{at}.role", f"'{at}.role' is required.", "missing_field")
+        if role not in ROLES:
+            raise _bad(f"{at}.role", f"'{at}.role' must be one of {', '.join(ROLES)}, got "
+                       f"{msgspec.json.encode(role).decode()}.")
+        content = message.get("content")
+        if content is None:
+            if role in _CONTENT_REQUIRED:
+                raise _bad(f"{at}.content", f"'{at}.content' is required for a {role} "
+                           "message.", "missing_field")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise _bad(f"{at}.content[{j}]", f"'{at}.content[{j}]' must be a "
+                               "content part: a JSON object with a 'type'.", "invalid_type")
+        elif not isinstance(content, str):
+            raise _bad(f"{at}.content", f"'{at}.content' must be a string or a list of "
+                       "content parts.", "invalid_type")
+
+
+def _check_tools(body: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    names = set()
+    for i, tool in enumerate(tools or ()):
+        at = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or (
+                not isinstance(function, dict)):
+            raise _bad(at, f"'{at}' must be {{\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}}.", "invalid_type")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise _bad(f"{at}.function.name", f"'{at}.function.name' must be a "
+                       "non-empty string.", "invalid_type")
+        names.add(function["name"])
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("none", "auto", "required"):
+        return
+    if isinstance(choice, str):
+        raise _bad("tool_choice", "'tool_choice' must be none, auto, required or "
+                   "{\"type\": \"function\", \"function\": {\"name\": ...}}, got "
+                   f"{choice!r}.")
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _bad("tool_choice", "'tool_choice' must be none, auto, required or "
+                   "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                   "invalid_type")
+    if name not in names:
+        raise _bad("tool_choice", f"'tool_choice' names the function {name!r}, which is "
+                   "not among 'tools'.")
+
+
+def _check_response_format(fmt: Any) -> None:
+    if fmt is None:
+        return
+    kind = fmt.get("type")
+    if kind not in _FORMATS:
+        raise _bad("response_format.type", "'response_format.type' must be one of "
+                   f"{', '.join(_FORMATS)}, got {msgspec.json.encode(kind).decode()}.")
+    if kind == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise _bad("response_format.json_schema", "'response_format.json_schema' is "
+                   "required with type json_schema: {\"name\": ..., \"schema\": {...}}.",
+                   "missing_field")
+

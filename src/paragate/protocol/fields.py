@@ -1,0 +1,411 @@
+"""What every endpoint's request shares: the field table's entries, decoding the three
+body types, checking fields by kind, and the part of a request the shared request path
+reads (``ModelRequest``).
+
+Each endpoint's module (``completions``, ``chat``, ``embeddings``, ``tokenize``) lists
+its fields once; validation, form coercion and the OpenAPI schema are read off that list.
+Fields not listed are passed to vLLM untouched: vLLM answers for them.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from ..errors import InvalidRequest, PermissionDenied, UnsupportedMediaType
+
+__all__ = [
+    "KIND_WORDS",
+    "MAX_STOP",
+    "Field",
+    "ModelRequest",
+    "check_fields",
+    "check_prompt",
+    "decode_body",
+    "estimate_prompt_tokens",
+    "extra",
+    "field",
+    "is_int",
+    "prompt_count",
+    "type_error",
+]
+
+MAX_STOP = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    name: str
+    # string | integer | number | boolean | prompt | stop | logit_bias | object | array
+    # | json (any JSON value; a form field holds it as JSON text)
+    kind: str
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    seed: bool = True  # part of the seed's CompletionsRequest schema
+    checked: bool = True  # False: vLLM's extension, coerced from forms but not checked here
+    enum: tuple[str, ...] = ()  # a string's allowed values, when it has a fixed set
+
+
+def field(name: str, kind: str, description: str, **kw: Any) -> Field:
+    return Field(name, kind, description, **kw)
+
+
+def extra(name: str, kind: str, description: str) -> Field:
+    """vLLM's own field: passed through, typed in forms and the schema, checked by vLLM."""
+    return Field(name, kind, description, seed=False, checked=False)
+
+
+KIND_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "object": "a JSON object",
+    "array": "a JSON array",
+}
+
+
+@dataclass(slots=True)
+class ModelRequest:
+    """A checked request to a model. ``body`` holds every field the client sent,
+    unknown ones too; each endpoint's subclass knows its own fields' meaning."""
+
+    body: dict[str, Any]
+    raw: bytes | None  # the JSON body as received, forwarded as is when nothing changes
+    model: str
+    stream: bool = False
+    include_usage: bool = False  # the client asked for the final usage chunk
+    running_usage: bool = False  # ... and for usage on every chunk (continuous_usage_stats)
+    n: int = 1
+
+    def check_caps(self, *, max_prompts: int, max_n: int, allow_priority: bool) -> None:
+        """What one request may carry whatever the limits (the model's caps)."""
+        check_priority(self.body, allow_priority)
+
+    def upstream_body(self, upstream_model: str, *, max_logprobs: int,
+                      default_max_tokens: int | None, max_tokens_limit: int | None) -> bytes:
+        """The body for vLLM: the served model name, the model's limits applied."""
+        return self.encode(upstream_model, upstream_model != self.model)
+
+    def reservation(self, *, reserve_max_tokens: int, max_request_tokens: int
+                    ) -> tuple[int, int]:
+        """(tokens, prompt): the most tokens the request may use, and its prompt's
+        estimate. Nothing by default (a request that generates nothing)."""
+        return 0, 0
+
+    def encode(self, upstream_model: str, changed: bool) -> bytes:
+        """The body as sent upstream. A stream asks for usage on every chunk, so that a
+        stream cut short is still counted; the relay removes what the client did not
+        ask for."""
+        body = self.body
+        if self.stream and not (self.include_usage and self.running_usage):
+            options = body.get("stream_options") or {}
+            body["stream_options"] = {**options, "include_usage": True,
+                                      "continuous_usage_stats": True}
+            changed = True
+        if not changed and self.raw is not None:
+            return self.raw
+        body["model"] = upstream_model
+        return msgspec.json.encode(body)
+
+
+def check_priority(body: Mapping[str, Any], allow_priority: bool) -> None:
+    """vLLM's scheduling field only for a company allowed to set it."""
+    priority = body.get("priority")
+    if priority is not None and priority != 0 and not allow_priority:
+        raise PermissionDenied("'priority' changes how vLLM schedules everyone's "
+                               "requests; this key's company may not set it.",
+                               param="priority", code="priority_not_allowed")
+
+
+def check_max(body: Mapping[str, Any], names: Sequence[str], cap: int, model: str) -> None:
+    """Each of ``names`` given is at most ``cap`` (a model's limit)."""
+    for name in names:
+        value = body.get(name)
+        if value is not None and value > cap:
+            raise InvalidRequest(f"'{name}' must be at most {cap} for model '{model}', "
+                                 f"got {value}.", param=name)
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts: one string or one list of token ids, else the list's length."""
+    if isinstance(prompt, str) or (prompt and not isinstance(prompt[0], str | list)):
+        return 1
+    return len(prompt)
+
+
+def estimate_prompt_tokens(prompt: Any) -> int:
+    """The prompt's tokens, never fewer than vLLM counts for text: a string's UTF-8
+    bytes plus two (a tokenizer's start token, and the word-start marker SentencePiece
+    puts in front of the text; every other token holds at least a byte), a list of
+    token ids its length."""
+    if isinstance(prompt, str):
+        return len(prompt.encode("utf-8", "surrogatepass")) + 2
+    first = prompt[0]
+    if isinstance(first, str):
+        return sum(len(p.encode("utf-8", "surrogatepass")) + 2 for p in prompt)
+    if isinstance(first, list):
+        return sum(len(p) for p in prompt)
+    return len(prompt)
+
+
+# -- decoding --------------------------------------------------------------------------
+
+def decode_body(content_type: bytes | None, raw: bytes, fields: Mapping[str, Field],
+                *, forms: bool = True) -> tuple[dict[str, Any], bytes | None]:
+    """A JSON, urlencoded or multipart body as a dict, and the JSON bytes as received
+    (None for a form, which is always re-encoded). ``forms=False``: JSON only."""
+    media = (content_type or b"application/json").split(b";", 1)[0].strip().lower()
+    if media == b"application/json" or media.endswith(b"+json") or (
+        # `curl -d '{...}'` without -H sends JSON labelled as a form: accept what it means
+        media == b"application/x-www-form-urlencoded" and raw.lstrip().startswith(b"{")
+    ):
+        return _decode_json(raw), raw
+    if forms and media == b"application/x-www-form-urlencoded":
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise InvalidRequest("The form body is not valid UTF-8.", code="invalid_body") from None
+        return _from_form(parse_qsl(text, keep_blank_values=True), fields), None
+    if forms and media == b"multipart/form-data":
+        return _from_form(_multipart(content_type or b"", raw), fields), None
+    accepted = ("application/json, application/x-www-form-urlencoded or "
+                "multipart/form-data") if forms else "application/json"
+    raise UnsupportedMediaType(
+        f"Unsupported Content-Type '{media.decode('latin-1')}': send {accepted}.")
+
+
+def _decode_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _multipart(content_type: bytes, raw: bytes) -> list[tuple[str, str]]:
+    head = b"Content-Type: " + content_type + b"\r\nMIME-Version: 1.0\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    if not message.is_multipart() or message.defects:
+        raise InvalidRequest("The multipart/form-data body is malformed.", code="invalid_body")
+    pairs = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(payload, bytes):
+            raise InvalidRequest("A multipart/form-data part has no field name.",
+                                 code="invalid_body")
+        try:
+            pairs.append((name, payload.decode()))
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"Form field '{name}' is not valid UTF-8.",
+                                 param=name, code="invalid_body") from None
+    return pairs
+
+
+def _from_form(pairs: list[tuple[str, str]], fields: Mapping[str, Field]) -> dict[str, Any]:
+    """Form values are strings: give each field its schema type."""
+    grouped: dict[str, list[str]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, []).append(value)
+    body: dict[str, Any] = {}
+    for key, values in grouped.items():
+        f = fields.get(key)
+        kind = f.kind if f else "any"
+        if kind in ("stop", "prompt"):
+            if len(values) > 1:
+                body[key] = values
+            else:
+                body[key] = _json_list_or_text(values[0])
+            continue
+        if len(values) > 1:
+            raise InvalidRequest(f"Form field '{key}' was given more than once.", param=key)
+        body[key] = _coerce_text(key, kind, values[0])
+    return body
+
+
+def _json_list_or_text(value: str) -> Any:
+    if value.lstrip().startswith("["):
+        try:
+            decoded = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            return value
+        if isinstance(decoded, list):
+            return decoded
+    return value
+
+
+def _coerce_text(key: str, kind: str, value: str) -> Any:
+    text = value.strip()
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+        if kind == "boolean":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind in ("object", "logit_bias", "array", "json"):
+            return msgspec.json.decode(text)
+        if kind == "any":  # a field we do not know: JSON if it parses, else the text
+            try:
+                return msgspec.json.decode(text)
+            except msgspec.DecodeError:
+                return value
+    except (ValueError, msgspec.DecodeError):
+        word = KIND_WORDS.get(kind, "JSON")
+        raise InvalidRequest(f"'{key}' must be {word}, got {value!r}.", param=key,
+                             code="invalid_type") from None
+    return value
+
+
+# -- checking --------------------------------------------------------------------------
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def type_error(name: str, kind: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(
+        f"'{name}' must be {KIND_WORDS[kind]}, got {msgspec.json.encode(value).decode()}.",
+        param=name, code="invalid_type")
+
+
+def _check_range(f: Field, value: float) -> None:
+    low_ok = f.minimum is None or (
+        value > f.minimum if f.exclusive_minimum else value >= f.minimum)
+    high_ok = f.maximum is None or value <= f.maximum
+    if low_ok and high_ok:
+        return
+    if f.maximum is None:
+        bound = f"at least {f.minimum:g}"
+    elif f.exclusive_minimum:
+        bound = f"greater than {f.minimum:g} and at most {f.maximum:g}"
+    else:
+        bound = f"between {f.minimum:g} and {f.maximum:g}"
+    raise InvalidRequest(f"'{f.name}' must be {bound}, got {value!r}.", param=f.name)
+
+
+def check_prompt(prompt: Any, name: str = "prompt") -> None:
+    """A string, a non-empty list of strings, of token ids or of lists of token ids."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return
+        if all(is_int(t) and t >= 0 for t in prompt):
+            return
+        if all(isinstance(p, list) and p and all(is_int(t) and t >= 0 for t in p)
+               for p in prompt):
+            return
+    raise InvalidRequest(
+        f"'{name}' must be a string, a non-empty list of strings, a non-empty list of "
+        "token ids (integers >= 0) or a non-empty list of such lists.", param=name,
+        code="invalid_type")
+
+
+def _check_stop(stop: Any) -> None:
+    if isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise InvalidRequest("'stop' must be a string or a list of strings.", param="stop",
+                             code="invalid_type")
+    if len(stop) > MAX_STOP:
+        raise InvalidRequest(f"'stop' may hold at most {MAX_STOP} sequences, got {len(stop)}.",
+                             param="stop")
+
+
+def _check_logit_bias(bias: Any) -> None:
+    if not isinstance(bias, dict):
+        raise type_error("logit_bias", "object", bias)
+    for token, value in bias.items():
+        if not token.lstrip("-").isdigit():
+            raise InvalidRequest(f"'logit_bias' keys must be token ids, got {token!r}.",
+                                 param="logit_bias")
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise InvalidRequest(
+                f"'logit_bias' values must be numbers between -100 and 100, got {value!r} "
+                f"for token {token}.", param="logit_bias")
+
+
+def required_model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if model is None or model == "":
+        raise InvalidRequest("'model' is required.", param="model", code="missing_field")
+    if not isinstance(model, str):
+        raise type_error("model", "string", model)
+    return model
+
+
+_CHECKS: dict[str, Callable[[Any], None]] = {
+    "stop": _check_stop,
+    "logit_bias": _check_logit_bias,
+}
+
+
+def check_fields(body: Mapping[str, Any], checked: Sequence[Field]) -> None:
+    """Check each field of ``checked`` that the body holds (null: not given) by kind."""
+    for f in checked:
+        value = body.get(f.name)
+        if value is None:
+            continue
+        kind = f.kind
+        if kind == "integer":
+            if not is_int(value):
+                raise type_error(f.name, kind, value)
+            _check_range(f, value)
+        elif kind == "number":
+            if not _is_number(value):
+                raise type_error(f.name, kind, value)
+            _check_range(f, value)
+        elif kind == "boolean":
+            if not isinstance(value, bool):
+                raise type_error(f.name, kind, value)
+        elif kind == "string":
+            if not isinstance(value, str):
+                raise type_error(f.name, kind, value)
+            if f.enum and value not in f.enum:
+                raise InvalidRequest(f"'{f.name}' must be one of {', '.join(f.enum)}, got "
+                                     f"{value!r}.", param=f.name)
+        elif kind == "object":
+            if not isinstance(value, dict):
+                raise type_error(f.name, kind, value)
+        elif kind == "array":
+            if not isinstance(value, list):
+                raise type_error(f.name, kind, value)
+        elif (check := _CHECKS.get(kind)) is not None:
+            check(value)
+
+
+def checked_fields(fields: Sequence[Field], *skip: str) -> tuple[Field, ...]:
+    return tuple(f for f in fields if f.checked and f.name not in skip)
+
+
+def stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, running_usage) of a body that may stream."""
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.",
+                             param="stream_options")
+    include_usage = bool(options and options.get("include_usage") is True)
+    running = bool(options and options.get("continuous_usage_stats") is True)
+    return stream, include_usage, running
