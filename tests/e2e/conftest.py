@@ -1,7 +1,10 @@
 """Real vLLM (CPU build, demo model) with the gateway in front of it, once per session.
 
 `tools/localvllm.py` installs vLLM into its own cached venv and builds the demo model on
-first use; later runs reuse both.
+first use; later runs reuse both. The generation model runs with the tool parser
+(``localvllm.TOOL_ARGS``); the embedding model (the same weights as a pooling model) is
+started by the module that needs it and stopped at its end, so that no more than two
+vLLM instances run at once (test_replicas starts a second generation replica).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # --enable-log-requests: vLLM logs each abort, which is how the tests see one
     vllm = localvllm.VLLMServer(model_dir, served_model_name=SERVED_NAME,
                                 log_path=logs / "vllm.log", max_model_len=CONTEXT,
-                                extra_args=["--enable-log-requests"]).start()
+                                extra_args=["--enable-log-requests",
+                                            *localvllm.TOOL_ARGS]).start()
     print(f"\nvLLM ready in {time.monotonic() - started:.1f} s (install/build included)")
     try:
         store = Store(f"sqlite:///{logs / 'gateway.db'}")
