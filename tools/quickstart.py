@@ -1,9 +1,12 @@
 """`make run`: the gateway on its embedded defaults, with a real engine behind it.
 
-Starts a local vLLM (CPU build, installed on first use into ~/.cache/paragate) on the
-demo model, registers it as `alfred-4.2` in the default SQLite store, creates an admin
-key, starts `paragate serve` and prints a curl command to paste. Ctrl-C (or SIGTERM)
-stops both servers, by PID.
+Starts two local vLLM servers (CPU build, installed on first use into ~/.cache/paragate)
+on the demo model: one generating (with the tool parser), one serving the same weights
+as an embedding model. Registers them as `alfred-4.2` (type llm) and `alfred-embed` (type
+embedding) in the default SQLite store, creates an admin key, starts `paragate serve`
+and prints commands to paste: a completion, a chat completion (plain and streamed), an
+embedding and a token count, with curl and with the `openai` SDK. Ctrl-C (or SIGTERM)
+stops every server, by PID.
 
 This is the path for trying paragate. In production run `paragate serve` against
 your own vLLM fleet instead (see the README).
@@ -33,36 +36,41 @@ from paragate.store import Store
 CLI = Actor.cli()  # the quickstart's changes are audited as the CLI's
 
 MODEL = "alfred-4.2"
+EMBED_MODEL = "alfred-embed"
 
 
 def _say(message: str) -> None:
     print(f"[quickstart] {message}", file=sys.stderr, flush=True)
 
 
-DISPLAY_NAME = "Alfred 4.2 (local demo model)"  # marks the record as the quickstart's
+# The display names mark the records as the quickstart's
+DISPLAY_NAMES = {MODEL: "Alfred 4.2 (local demo model)",
+                 EMBED_MODEL: "Alfred embeddings (local demo model)"}
+TYPES = {MODEL: "llm", EMBED_MODEL: "embedding"}
 
 
 def _foreign_model(store: Store) -> str | None:
-    """Why this store's alfred-4.2 is not the quickstart's to repoint, or None."""
-    try:
-        existing = control.models.get(store, CLI, MODEL)
-    except NotFound:
-        return None
-    if existing.display_name == DISPLAY_NAME:
-        return None
-    return (f"{MODEL} in this store already points at {existing.upstream_url}, and "
-            "`make run` will not repoint it: use another store "
-            "(PARAGATE_DATABASE_URL=sqlite:///demo.db make run) or remove the model.")
+    """Why one of this store's demo models is not the quickstart's to repoint, or None."""
+    for name, display in DISPLAY_NAMES.items():
+        try:
+            existing = control.models.get(store, CLI, name)
+        except NotFound:
+            continue
+        if existing.display_name != display:
+            return (f"{name} in this store already points at {existing.upstream_url}, and "
+                    "`make run` will not repoint it: use another store "
+                    "(PARAGATE_DATABASE_URL=sqlite:///demo.db make run) or remove the model.")
+    return None
 
 
-def _register(store: Store, upstream: str) -> None:
-    """Point alfred-4.2 at this run's vLLM (its port changes every run)."""
+def _register(store: Store, name: str, upstream: str) -> None:
+    """Point a demo model at this run's vLLM (its port changes every run)."""
     try:
-        control.models.update(store, CLI, MODEL, upstream_url=upstream, upstream_model=MODEL,
+        control.models.update(store, CLI, name, upstream_url=upstream, upstream_model=name,
                               enabled=True)
     except NotFound:
-        control.models.create(store, CLI, MODEL, upstream_url=upstream, upstream_model=MODEL,
-                              display_name=DISPLAY_NAME)
+        control.models.create(store, CLI, name, upstream_url=upstream, upstream_model=name,
+                              display_name=DISPLAY_NAMES[name], type=TYPES[name])
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -101,15 +109,24 @@ def main() -> int:
     _say("preparing vLLM and the demo model (first run: a few minutes, then cached)")
     model_dir = localvllm.ensure_demo_model()
     vllm = localvllm.VLLMServer(model_dir, served_model_name=MODEL,
-                                log_path=localvllm.cache_root() / "quickstart-vllm.log")
+                                log_path=localvllm.cache_root() / "quickstart-vllm.log",
+                                extra_args=localvllm.TOOL_ARGS)
+    embed = localvllm.VLLMServer(model_dir, served_model_name=EMBED_MODEL,
+                                 log_path=localvllm.cache_root() / "quickstart-embed.log",
+                                 extra_args=localvllm.EMBED_ARGS)
     gateway: subprocess.Popen[bytes] | None = None
     try:
-        vllm.start()
+        vllm.launch()  # side by side: about a minute for both on two cores
+        embed.launch()
+        vllm.wait_ready()
+        embed.wait_ready()
         store = Store(settings.database_url)
         store.migrate()
-        _register(store, vllm.base_url)
+        _register(store, MODEL, vllm.base_url)
+        _register(store, EMBED_MODEL, embed.base_url)
         token = control.keys.create(store, CLI, name="quickstart admin",
                                     builtin=SYSTEM_ADMIN).secret
+        assert token is not None  # a new key's secret is shown once, here
         store.close()
         env = {**os.environ, "PARAGATE_PORT": str(settings.port)}
         # A session of its own: Ctrl-C reaches only this script, which then asks the
@@ -119,25 +136,14 @@ def main() -> int:
                                    start_new_session=True)
         base = f"http://{settings.host}:{settings.port}"
         _wait_http(base + "/health", gateway, 30)
-        print(f"""
-paragate is serving {MODEL} (a real vLLM, pid {vllm.pid}) at {base}
-  store: {settings.database_url}    vLLM log: {vllm.log_path}
-
-Admin key (shown once):
-  {token}
-
-Try it:
-  curl -s {base}/api/v2/completions \\
-    -H 'Authorization: Bearer {token}' \\
-    -H 'Content-Type: application/json' \\
-    -d '{{"model": "{MODEL}", "prompt": "def main(", "max_tokens": 32}}'
-
-Press Ctrl-C to stop.""", flush=True)
-        # Watch both: a gateway in front of a dead vLLM would answer 503 to everything.
+        print(_banner(base, token, settings.database_url, vllm, embed), flush=True)
+        # Watch them all: a gateway in front of a dead vLLM would answer 503.
         while (code := gateway.poll()) is None:
-            if (vllm_code := vllm.returncode()) is not None:
-                _say(f"vLLM exited ({vllm_code}); the end of its log:\n{vllm.log_tail(15)}")
-                return 1
+            for server in (vllm, embed):
+                if (vllm_code := server.returncode()) is not None:
+                    _say(f"vLLM exited ({vllm_code}); the end of its log:\n"
+                         f"{server.log_tail(15)}")
+                    return 1
             time.sleep(0.5)
         return code
     except KeyboardInterrupt:
@@ -150,7 +156,43 @@ Press Ctrl-C to stop.""", flush=True)
             except subprocess.TimeoutExpired:
                 gateway.kill()
         vllm.stop()
+        embed.stop()
         _say("stopped")
+
+
+def _banner(base: str, token: str, database_url: str, vllm: localvllm.VLLMServer,
+            embed: localvllm.VLLMServer) -> str:
+    def curl(path: str, body: str, stream: bool = False) -> str:
+        return (f"  curl -s{'N' if stream else ''} {base}/api/v2/{path} \\\n"
+                f"    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
+                f"\\\n    -d '{body}'")
+
+    chat = f'"model": "{MODEL}", "messages": [{{"role": "user", "content": "def main("}}]'
+    return f"""
+paragate is serving {MODEL} (type llm, vLLM pid {vllm.pid}) and {EMBED_MODEL} (type
+embedding, vLLM pid {embed.pid}) at {base}
+  store: {database_url}
+  vLLM logs: {vllm.log_path}, {embed.log_path}
+
+Admin key (shown once):
+  {token}
+
+A completion:
+{curl("completions", f'{{"model": "{MODEL}", "prompt": "def main(", "max_tokens": 32}}')}
+A chat completion, then the same streamed:
+{curl("chat/completions", f'{{{chat}, "max_tokens": 32}}')}
+{curl("chat/completions", f'{{{chat}, "max_tokens": 32, "stream": true}}', stream=True)}
+An embedding, and a token count:
+{curl("embeddings", f'{{"model": "{EMBED_MODEL}", "input": "def main():"}}')}
+{curl("tokenize", f'{{"model": "{MODEL}", "prompt": "def main():"}}')}
+With the openai SDK (installed in this venv):
+  {sys.executable} -c "import openai
+c = openai.OpenAI(base_url='{base}/api/v2', api_key='{token}')
+print(c.chat.completions.create(model='{MODEL}', max_tokens=16,
+      messages=[{{'role': 'user', 'content': 'def main('}}]).choices[0].message.content)
+print(len(c.embeddings.create(model='{EMBED_MODEL}', input='def main():').data[0].embedding))"
+
+Press Ctrl-C to stop."""
 
 
 if __name__ == "__main__":

@@ -525,7 +525,8 @@ def _model_options(f: F) -> F:
                      help="Key vLLM expects (--api-key); never shown by any command or API. "
                      "Also read from PARAGATE_UPSTREAM_API_KEY."),
         click.option("--type", "type_", type=click.Choice(control.models.TYPES),
-                     help="What the model does [default on add: llm]."),
+                     help="What the model serves: llm (completions, chat, tokenize) or "
+                          "embedding (embeddings, tokenize) [default on add: llm]."),
         click.option("--max-logprobs", type=click.IntRange(0, 20),
                      help="Largest `logprobs` allowed [default: PARAGATE_DEFAULT_MAX_LOGPROBS]."),
         click.option("--default-max-tokens", type=click.IntRange(min=1),
