@@ -221,3 +221,23 @@ def test_every_seed_field_is_described() -> None:
             "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias",
             "user", "suffix"}
     assert {f.name for f in FIELDS if f.seed} == seed
+
+
+def test_prefix_affinity_reads_a_conversation_and_embedding_inputs() -> None:
+    """A chat request's affinity prefix is its conversation, message by message: two
+    that share a long system prompt share a key; embeddings read their input."""
+    from paragate.protocol import parse_chat, parse_embeddings
+    from paragate.upstream.balancer import affinity_key
+
+    def chat(system: str, question: str) -> int | None:
+        body = {"model": "m", "messages": [{"role": "system", "content": system},
+                                           {"role": "user", "content": question}]}
+        req = parse_chat(JSON, json.dumps(body).encode())
+        return affinity_key("prefix", req.affinity_fields(), 64)
+
+    manual = "You answer from the manual. " * 4
+    assert chat(manual, "a?") == chat(manual, "b?") is not None
+    assert chat(manual, "a?") != chat("Another manual. " * 8, "a?")
+    embed = parse_embeddings(JSON, b'{"model": "m", "input": ["abc"]}')
+    assert affinity_key("prefix", embed.affinity_fields(), 64) == affinity_key(
+        "prefix", {"prompt": "abc"}, 64)

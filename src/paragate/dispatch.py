@@ -120,7 +120,7 @@ async def forward(gw: Gateway, r: Request, op: Operation) -> None:
             upstream_model=route.upstream_model,
             timeouts=route.timeouts,
             affinity=None if route.affinity == "none" else affinity_key(
-                route.affinity, req.body, gw.settings.affinity_prefix_chars),
+                route.affinity, req.affinity_fields(), gw.settings.affinity_prefix_chars),
             headers=ex.ticket.headers if ex.ticket is not None else (),
             path=op.upstream,
             answer=op.answer,

@@ -95,6 +95,17 @@ class ChatRequest(ModelRequest):
             changed = True
         return self.encode(upstream_model, changed)
 
+    def affinity_fields(self) -> dict[str, Any]:
+        """The conversation as text, message by message: requests that share their
+        first messages (a system prompt, a long document) share its prefix."""
+        parts = []
+        for m in self.body["messages"]:
+            content = m.get("content")
+            text = content if isinstance(content, str) else msgspec.json.encode(
+                content).decode()
+            parts.append(f"{m.get('role')}\n{text}\n")
+        return {"prompt": "".join(parts), "user": self.body.get("user")}
+
     def check_caps(self, *, max_prompts: int, max_n: int, allow_priority: bool) -> None:
         check_max(self.body, ("n",), max_n, self.model)
         check_priority(self.body, allow_priority)

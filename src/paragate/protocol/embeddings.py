@@ -46,6 +46,9 @@ _CHECKED = checked_fields(FIELDS, "model", "input")
 class EmbeddingRequest(ModelRequest):
     """A checked embeddings request: it uses its input's tokens, and generates none."""
 
+    def affinity_fields(self) -> dict[str, Any]:
+        return {"prompt": self.body["input"], "user": self.body.get("user")}
+
     def check_caps(self, *, max_prompts: int, max_n: int, allow_priority: bool) -> None:
         inputs = prompt_count(self.body["input"])
         if inputs > max_prompts:

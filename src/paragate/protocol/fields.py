@@ -101,6 +101,12 @@ class ModelRequest:
         estimate. Nothing by default (a request that generates nothing)."""
         return 0, 0
 
+    def affinity_fields(self) -> Mapping[str, Any]:
+        """What a model's affinity reads (``balancer.affinity_key``): ``prompt`` (or
+        what stands for it: its prefix is what vLLM's prefix cache can reuse) and
+        ``user``."""
+        return self.body
+
     def encode(self, upstream_model: str, changed: bool) -> bytes:
         """The body as sent upstream. A stream asks for usage on every chunk, so that a
         stream cut short is still counted; the relay removes what the client did not

@@ -39,7 +39,7 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,7 +60,7 @@ _SLACK = 8  # requests: how much busier than the least loaded an affine replica 
 _MASK = (1 << 64) - 1
 
 
-def affinity_key(mode: str, body: dict[str, object], prefix_chars: int) -> int | None:
+def affinity_key(mode: str, body: Mapping[str, object], prefix_chars: int) -> int | None:
     """The request's affinity key under a model's ``mode`` (``prefix``: the prompt's first
     ``prefix_chars`` characters, or its first ``prefix_chars // 4`` token ids; ``user``:
     the ``user`` field), as a 64-bit hash the same in every process; None: no key."""
