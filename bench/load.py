@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Cheap async load driver for /api/v2/completions (gateway) or /v1/completions (vLLM/fake).
+"""Cheap async load driver for /api/v2/completions (gateway) or /v1/completions (vLLM/fake),
+or, with --chat, for /api/v2/chat/completions or /v1/chat/completions.
 
 The driver shares a core with the fake upstream, so it avoids aiohttp/httpx and tasks:
 raw asyncio Protocols on uvloop, httptools' response parser, one precomputed request
@@ -34,6 +35,9 @@ class Run:
         u = urlsplit(a.url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
         body: dict[str, Any] = {"model": a.model, "prompt": a.prompt, "max_tokens": a.max_tokens}
+        if a.chat:  # the same text, as the one user message
+            body = {"model": a.model, "messages": [{"role": "user", "content": a.prompt}],
+                    "max_tokens": a.max_tokens}
         if a.stream:
             body["stream"] = True
             if a.usage:
@@ -45,8 +49,8 @@ class Run:
                     f"content-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n"
                     ).encode() + raw
         self.stream: bool = a.stream
-        # tokens + optional usage event + [DONE]
-        self.expected = a.max_tokens + (1 if a.usage else 0) + 1
+        # (chat: the role chunk +) tokens + optional usage event + [DONE]
+        self.expected = (1 if a.chat else 0) + a.max_tokens + (1 if a.usage else 0) + 1
         self.total: int = a.requests or 0
         self.rate: float = a.rate or 0.0
         self.hold: bool = a.hold
@@ -317,7 +321,9 @@ def cli() -> None:
     ap.add_argument("--url", required=True)
     ap.add_argument("--key", default="", help="bearer token")
     ap.add_argument("--model", default="fake-model")
-    ap.add_argument("--prompt", default="Hello, my name is")
+    ap.add_argument("--prompt", default="Hello, my name is", help="--chat: the user message")
+    ap.add_argument("--chat", action="store_true", help="a chat completions body (--url must "
+                    "be a chat/completions endpoint)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--usage", action="store_true", help="stream_options.include_usage")

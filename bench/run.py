@@ -5,9 +5,13 @@ The gateway (one worker) is pinned to core 0; the fake vLLM upstream (bench/fake
 and the load drivers (wrk + bench/completion.lua, bench/load.py) to core 1. Each figure is
 measured direct to the fake and through paragate with everything ON: authentication, model
 lookup, the rate limit check, usage accounting into a SQLite store of its own.
+The c=1 latency, the rate sweep and the unpaced c=1 stream figures are measured for each
+endpoint of --endpoints (default: /api/v2/completions, then /api/v2/chat/completions beside
+it, with bench/chat.lua's body); the other figures for completions only.
 
-    .venv/bin/python bench/run.py                 # ~3.5 minutes + the soak (10 by default)
+    .venv/bin/python bench/run.py                 # ~5 minutes + the soak (10 by default)
     .venv/bin/python bench/run.py --smoke         # every step for ~1 s; prints the table only
+    .venv/bin/python bench/run.py --only latency,rate,streams --endpoints completions,chat
     .venv/bin/python bench/run.py --population DB --only idle,latency,rate   # see --help
 """
 
@@ -46,6 +50,27 @@ BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PARAGATE_")
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}
 GIB_MB = 2**30 / 1e6  # memory is reported in MB = 10^6 bytes
 Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An endpoint whose c=1 latency, rate sweep and unpaced c=1 stream figures are
+    measured (--endpoints), direct to the fake and through paragate, the same way."""
+
+    upstream: str  # the fake's (vLLM's) path
+    gateway: str  # paragate's
+    lua: str  # the wrk script that posts its body
+    load: tuple[str, ...]  # bench/load.py's options for its body
+    label: str  # appended to its figures' names: "" for completions (the names as ever)
+
+
+ENDPOINTS = {
+    "completions": Endpoint("/v1/completions", "/api/v2/completions", "bench/completion.lua",
+                            (), ""),
+    "chat": Endpoint("/v1/chat/completions", "/api/v2/chat/completions", "bench/chat.lua",
+                     ("--chat",), ", /chat/completions"),
+}
+COMPLETIONS = ENDPOINTS["completions"]
 
 
 def say(msg: str) -> None:
@@ -213,9 +238,10 @@ def table(title: str, head: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 class Bench:
     def __init__(self, plan: Plan, procs: Procs, tmp: Path, profile: bool,
-                 population: str | None = None, gateway_env: dict[str, str] | None = None
-                 ) -> None:
+                 population: str | None = None, gateway_env: dict[str, str] | None = None,
+                 endpoints: Sequence[Endpoint] = (COMPLETIONS,)) -> None:
         self.plan, self.procs, self.tmp, self.profile_on = plan, procs, tmp, profile
+        self.endpoints = list(endpoints)
         self.population = population
         self.env = {**BASE_ENV, "PARAGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db",
                     **(gateway_env or {})}
@@ -343,24 +369,26 @@ class Bench:
         return stats
 
     # -- drivers -----------------------------------------------------------------------
-    def url(self, model: str, direct: bool) -> tuple[str, str]:
-        """(url, key) of the fake behind `model` (direct) or of the gateway."""
+    def url(self, model: str, direct: bool, ep: Endpoint = COMPLETIONS) -> tuple[str, str]:
+        """(url, key) of `ep` on the fake behind `model` (direct) or on the gateway."""
         if direct:
-            return f"http://127.0.0.1:{self.fakes[model][1]}/v1/completions", ""
+            return f"http://127.0.0.1:{self.fakes[model][1]}{ep.upstream}", ""
         assert self.gw is not None
-        return f"http://127.0.0.1:{self.gw[1]}/api/v2/completions", self.key
+        return f"http://127.0.0.1:{self.gw[1]}{ep.gateway}", self.key
 
-    def load(self, model: str, direct: bool, *opts: str, timeout: float = 60.0) -> Result:
-        url, key = self.url(model, direct)
+    def load(self, model: str, direct: bool, *opts: str, timeout: float = 60.0,
+             ep: Endpoint = COMPLETIONS) -> Result:
+        url, key = self.url(model, direct, ep)
         return last_json(self.procs.run(
             [PY, "bench/load.py", "--url", url, "--key", key, "--json", "--timeout",
-             str(timeout), "--model", "fake-model" if direct else model, *opts],
+             str(timeout), "--model", "fake-model" if direct else model, *ep.load, *opts],
             timeout + self.plan.secs + 60))
 
-    def wrk(self, direct: bool, c: int, cpu: str | None = AUX_CPU) -> Result:
-        url, key = self.url("fake-model", direct)
+    def wrk(self, direct: bool, c: int, cpu: str | None = AUX_CPU,
+            ep: Endpoint = COMPLETIONS) -> Result:
+        url, key = self.url("fake-model", direct, ep)
         out = self.procs.run(["wrk", "-t1", f"-c{c}", f"-d{self.plan.secs}s", "--latency",
-                              "--timeout", "2s", "-s", "bench/completion.lua", url],
+                              "--timeout", "2s", "-s", ep.lua, url],
                              self.plan.secs + 30, cpu, {**BASE_ENV, "PARAGATE_KEY": key})
         try:
             lat = {p: float(v) * UNITS[u] for p, v, u in
@@ -396,33 +424,41 @@ class Bench:
     def latency(self) -> None:
         # Rounds of direct-then-through, and the round with the median added p50: this
         # host's speed drifts over tens of seconds (six back-to-back single runs gave
-        # +0.229 to +0.360 ms), and a pair measured side by side shares the drift.
-        rounds = []
+        # +0.229 to +0.360 ms), and a pair measured side by side shares the drift. With
+        # several endpoints, each round measures each in turn: they share it too.
+        rounds: list[list[tuple[float, Result, Result]]] = [[] for _ in self.endpoints]
         for _ in range(self.plan.rounds):
-            d, g = (self.load("fake-model", direct, "-c", "1", "-d", str(self.plan.secs))
-                    for direct in (True, False))
-            rounds.append((g["latency_ms"]["p50"] - d["latency_ms"]["p50"], d, g))
-        rounds.sort(key=lambda r: r[0])
-        _, d, g = rounds[len(rounds) // 2]
-        self.details += table(
-            f"Latency at c=1, non-streaming, {self.plan.rounds} rounds of {self.plan.secs} s "
-            "direct then through (the table above shows the median round):",
-            ("round", "added p50 ms", "added p99 ms", "direct p50 / p99", "through p50 / p99"),
-            [(i + 1, f"{a:+.3f}", f"{gg['latency_ms']['p99'] - dd['latency_ms']['p99']:+.3f}",
-              f"{dd['latency_ms']['p50']:.3f} / {dd['latency_ms']['p99']:.3f}",
-              f"{gg['latency_ms']['p50']:.3f} / {gg['latency_ms']['p99']:.3f}")
-             for i, (a, dd, gg) in enumerate(rounds)])
-        for p, limit in (("p50", 0.25), ("p99", 1.0)):
-            d_ms, g_ms = d["latency_ms"][p], g["latency_ms"][p]
-            self.row(f"Added latency {p}, non-streaming, c=1", f"{g_ms - d_ms:+.3f} ms "
-                     f"(direct {d_ms:.3f}, through {g_ms:.3f}){errs(g)}", f"<= {limit} ms",
-                     judge(g_ms - d_ms, "<=", limit, "ms", 3))
+            for ep, done in zip(self.endpoints, rounds, strict=True):
+                d, g = (self.load("fake-model", direct, "-c", "1", "-d", str(self.plan.secs),
+                                  ep=ep) for direct in (True, False))
+                done.append((g["latency_ms"]["p50"] - d["latency_ms"]["p50"], d, g))
+        for ep, done in zip(self.endpoints, rounds, strict=True):
+            done.sort(key=lambda r: r[0])
+            _, d, g = done[len(done) // 2]
+            self.details += table(
+                f"Latency at c=1, non-streaming{ep.label}, {self.plan.rounds} rounds of "
+                f"{self.plan.secs} s direct then through (the table above shows the median "
+                "round):",
+                ("round", "added p50 ms", "added p99 ms", "direct p50 / p99",
+                 "through p50 / p99"),
+                [(i + 1, f"{a:+.3f}",
+                  f"{gg['latency_ms']['p99'] - dd['latency_ms']['p99']:+.3f}",
+                  f"{dd['latency_ms']['p50']:.3f} / {dd['latency_ms']['p99']:.3f}",
+                  f"{gg['latency_ms']['p50']:.3f} / {gg['latency_ms']['p99']:.3f}")
+                 for i, (a, dd, gg) in enumerate(done)])
+            for p, limit in (("p50", 0.25), ("p99", 1.0)):
+                d_ms, g_ms = d["latency_ms"][p], g["latency_ms"][p]
+                self.row(f"Added latency {p}, non-streaming, c=1{ep.label}",
+                         f"{g_ms - d_ms:+.3f} ms (direct {d_ms:.3f}, through {g_ms:.3f})"
+                         f"{errs(g)}", f"<= {limit} ms",
+                         judge(g_ms - d_ms, "<=", limit, "ms", 3))
 
-    def sweep(self, title: str, cpu: str | None) -> tuple[list[Result], Result | None]:
+    def sweep(self, title: str, cpu: str | None, ep: Endpoint = COMPLETIONS
+              ) -> tuple[list[Result], Result | None]:
         """wrk through the gateway at every concurrency; the best with p99 < 10 ms, 0 errors."""
         runs = []
         for c in self.plan.sweep:
-            runs.append(r := self.wrk(False, c, cpu))
+            runs.append(r := self.wrk(False, c, cpu, ep))
             say(f"    c={c}: {r['rate']:,.0f} req/s p99 {r['p99']:.2f} ms errors {r['errors']}")
         self.details += table(title, ("concurrency", "req/s", "p50 ms", "p99 ms", "errors"),
                               [(r["c"], f"{r['rate']:,.0f}", f"{r['p50']:.2f}",
@@ -431,25 +467,31 @@ class Bench:
         return runs, max(good, key=lambda r: r["rate"]) if good else None
 
     def rate(self) -> None:
-        before = self.fake_stats("fake-model")["connections"]
-        runs, best = self.sweep(f"Rate sweep, 1 worker pinned to core 0, wrk -t1 on core 1, "
-                                f"{self.plan.secs} s each:", AUX_CPU)
-        opened = self.fake_stats("fake-model")["connections"] - before - 1  # - /stats' own
-        direct = self.wrk(True, max(self.plan.sweep))
-        ref = f"; direct upstream {direct['rate']:,.0f} req/s at c={direct['c']}"
-        self.row("Request rate, 1 worker on 1 core, p99 < 10 ms, 0 errors",
-                 (f"{best['rate']:,.0f} req/s at c={best['c']} (p99 {best['p99']:.2f} ms)"
-                  if best else "no concurrency qualified") + ref, ">= 5,000 req/s",
-                 judge(best["rate"] if best else 0, ">=", 5000, "req/s", 0))
+        # Every endpoint's sweep, then their rows side by side; the connections opened
+        # are the first endpoint's (the later ones find the gateway's pool warm).
+        swept = []
+        for ep in self.endpoints:
+            before = self.fake_stats("fake-model")["connections"]
+            runs, best = self.sweep(f"Rate sweep{ep.label}, 1 worker pinned to core 0, wrk -t1 "
+                                    f"on core 1, {self.plan.secs} s each:", AUX_CPU, ep)
+            opened = self.fake_stats("fake-model")["connections"] - before - 1  # - /stats'
+            swept.append((ep, runs, best, opened, self.wrk(True, max(self.plan.sweep), ep=ep)))
+        for ep, _, best, _, direct in swept:
+            ref = f"; direct upstream {direct['rate']:,.0f} req/s at c={direct['c']}"
+            self.row(f"Request rate, 1 worker on 1 core, p99 < 10 ms, 0 errors{ep.label}",
+                     (f"{best['rate']:,.0f} req/s at c={best['c']} (p99 {best['p99']:.2f} ms)"
+                      if best else "no concurrency qualified") + ref, ">= 5,000 req/s",
+                     judge(best["rate"] if best else 0, ">=", 5000, "req/s", 0))
+        ep, runs, best, opened, _ = swept[0]
         n, top = sum(r["requests"] for r in runs), max(self.plan.sweep)
-        self.row("Upstream connections opened by the gateway during the rate sweep",
+        self.row(f"Upstream connections opened by the gateway during the rate sweep{ep.label}",
                  f"{opened} for {n:,} requests (concurrency up to {top})",
                  "about the concurrency, not the requests",
                  "met" if opened <= 2 * top else f"missed: {opened / top:.1f}x the concurrency")
         if self.profile_on:
-            self.profile(best["c"] if best else top)
+            self.profile(best["c"] if best else top, ep)
 
-    def profile(self, c: int) -> None:
+    def profile(self, c: int, ep: Endpoint = COMPLETIONS) -> None:
         assert self.gw is not None
         if not (BIN / "py-spy").exists():
             self.notes.append("--profile: there is no .venv/bin/py-spy, so no profile.")
@@ -462,7 +504,7 @@ class Bench:
                                 "--duration", str(self.plan.secs), "--rate", "200",
                                 "--nonblocking", "--format", "speedscope", "-o", str(path)])
         try:
-            self.wrk(False, c)
+            self.wrk(False, c, ep=ep)
             spy.popen.wait(30)
         finally:
             self.procs.stop(spy)
@@ -489,17 +531,20 @@ class Bench:
         # that start and end in lockstep and so measure their own burst.
         # The paced run is 4x longer: at 25 streams/s, 5 s hold 125 first bytes, too few
         # for a p99 (it would be the second largest).
+        # Unpaced c=1: each endpoint of --endpoints; paced: completions.
         rate, paced_s = self.plan.paced_rate, str(4 * self.plan.secs)
-        for model, label, opts, secs in (
-                ("fake-model", "unpaced, c=1", ("-c", "1"), s),
-                ("fake-paced", f"paced 20 ms/token, {rate} streams/s open loop",
-                 ("--rate", str(rate), "-c", str(3 * rate)), paced_s)):
+        cases: list[tuple[str, str, tuple[str, ...], str, Endpoint]] = [
+            ("fake-model", f"unpaced, c=1{ep.label}", ("-c", "1"), s, ep)
+            for ep in self.endpoints]
+        cases.append(("fake-paced", f"paced 20 ms/token, {rate} streams/s open loop",
+                      ("--rate", str(rate), "-c", str(3 * rate)), paced_s, COMPLETIONS))
+        for model, label, opts, secs, ep in cases:
             # Unmeasured first, the same load for a while: the driver opens its connections
             # before it starts its clock, so the gateway's pool to this upstream must be as
             # warm, or the added figure counts the gateway's first connects (~0.5-2.5 ms).
             for x in (True, False):
-                self.load(model, x, *tok, *opts, "-d", str(self.plan.warmup_s))
-            d, g = (self.load(model, x, *tok, *opts, "-d", secs) for x in (True, False))
+                self.load(model, x, *tok, *opts, "-d", str(self.plan.warmup_s), ep=ep)
+            d, g = (self.load(model, x, *tok, *opts, "-d", secs, ep=ep) for x in (True, False))
             for what, k, target in (("time to first byte", "ttfb_ms", 1.0),
                                     ("inter-chunk latency", "inter_chunk_ms", 0.0)):
                 a50, a99 = (g[k][p] - d[k][p] for p in ("p50", "p99"))
@@ -743,6 +788,12 @@ def parse() -> argparse.Namespace:
                     "10,000 streams at 200 ms are 50,000 chunks/s, more than one core relays]")
     ap.add_argument("--only", help="run only these steps: idle,latency,rate,streams,soak,hold,"
                     "workers2 [default: all]; writes a file only if --out is given")
+    ap.add_argument("--endpoints", default="completions,chat", help="the endpoints whose "
+                    "c=1 latency (step latency), rate sweep (rate) and unpaced c=1 stream "
+                    "figures (streams) are measured, side by side: completions "
+                    "(/api/v2/completions, bench/completion.lua's body), chat "
+                    "(/api/v2/chat/completions, bench/chat.lua's) [default: completions,chat; "
+                    "completions alone: the figures of the runs before chat]")
     ap.add_argument("--profile", action="store_true", help="py-spy profile of the gateway "
                     "under wrk at the best concurrency, into bench/profiles/")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (the "
@@ -764,6 +815,10 @@ def parse() -> argparse.Namespace:
 def main() -> int:
     args, started = parse(), time.monotonic()
     s = args.smoke
+    endpoints = list(dict.fromkeys(e.strip() for e in args.endpoints.split(",") if e.strip()))
+    if not endpoints or not set(endpoints) <= ENDPOINTS.keys():
+        say(f"--endpoints: a comma-separated list of {', '.join(ENDPOINTS)}")
+        return 2
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
@@ -796,9 +851,19 @@ def main() -> int:
     if args.redis:
         gateway_env["PARAGATE_REDIS_URL"] = start_redis(
             procs, GW_CPU if args.redis == "gateway-core" else AUX_CPU)
-    bench = Bench(plan, procs, tmp, args.profile, args.population, gateway_env)
+    bench = Bench(plan, procs, tmp, args.profile, args.population, gateway_env,
+                  [ENDPOINTS[name] for name in endpoints])
     for name, value in gateway_env.items():
         bench.notes.append(f"The gateway ran with `{name}={value}`.")
+    if "chat" in endpoints:
+        bench.notes.append(
+            "Figures marked /chat/completions: POST /api/v2/chat/completions (direct: the "
+            "fake's /v1/chat/completions, which answers as vLLM 0.32: a role chunk, then a "
+            "delta chunk a token) with `{\"model\": ..., \"messages\": [{\"role\": \"user\", "
+            "\"content\": \"Hello, my name is\"}], \"max_tokens\": 16}` (bench/chat.lua, "
+            "bench/load.py --chat); the others POST /api/v2/completions with `{\"model\": ..., "
+            "\"prompt\": \"Hello, my name is\", \"max_tokens\": 16}`; both with `\"stream\": true` "
+            "and 64 tokens in the stream figures.")
     if not pin:
         bench.notes.append("**Nothing pinned**: cores 0 and 1 are not both available here.")
     try:
