@@ -346,7 +346,8 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {"title": "Paradigm API (paragate)", "version": f"v2 / paragate {__version__}",
-                 "description": "Completions, served by paragate in front of vLLM."},
+                 "description": "Completions, chat completions, embeddings and tokenize, "
+                                "served by paragate in front of vLLM, and the admin API."},
         "paths": {
             "/api/v2/completions": {"post": {
                 "tags": ["Models"],

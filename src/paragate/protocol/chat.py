@@ -33,10 +33,10 @@ _CONTENT_REQUIRED = ("system", "developer", "user", "tool")
 
 FIELDS: tuple[Field, ...] = (
     _SHARED["model"],
-    _f("messages", "json", "The conversation: a non-empty list of messages, each with a "
-       "`role` (system, developer, user, assistant, tool) and a `content` (a string or a "
-       "list of content parts; an assistant's may be null when it has `tool_calls`). In a "
-       "form body, a JSON string.", seed=False),
+    _f("messages", "array", "The conversation: a non-empty list of messages, each with a "
+       "`role` (system, developer, user, assistant, tool; or the legacy function) and a "
+       "`content` (a string or a list of content parts; an assistant's may be null, as "
+       "when it has `tool_calls`). In a form body, a JSON string.", seed=False),
     _f("max_completion_tokens", "integer", "Maximum number of tokens to generate.",
        minimum=0, seed=False),
     _f("max_tokens", "integer", "Maximum number of tokens to generate (deprecated by "
@@ -164,6 +164,9 @@ def check_messages(messages: Any) -> None:
         role = message.get("role")
         if role is None:
             raise _bad(f"{at}.role", f"'{at}.role' is required.", "missing_field")
+        if not isinstance(role, str):
+            raise _bad(f"{at}.role", f"'{at}.role' must be a string, got "
+                       f"{msgspec.json.encode(role).decode()}.", "invalid_type")
         if role not in ROLES:
             raise _bad(f"{at}.role", f"'{at}.role' must be one of {', '.join(ROLES)}, got "
                        f"{msgspec.json.encode(role).decode()}.")
@@ -218,6 +221,9 @@ def _check_response_format(fmt: Any) -> None:
     if fmt is None:
         return
     kind = fmt.get("type")
+    if kind is None:
+        raise _bad("response_format.type", "'response_format.type' is required: one of "
+                   f"{', '.join(_FORMATS)}.", "missing_field")
     if kind not in _FORMATS:
         raise _bad("response_format.type", "'response_format.type' must be one of "
                    f"{', '.join(_FORMATS)}, got {msgspec.json.encode(kind).decode()}.")

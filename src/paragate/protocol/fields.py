@@ -43,7 +43,8 @@ MAX_STOP = 4
 class Field:
     name: str
     # string | integer | number | boolean | prompt | stop | logit_bias | object | array
-    # | json (any JSON value; a form field holds it as JSON text)
+    # | json (any JSON value; a form field holds it as JSON text, or as plain text for a
+    # string: tool_choice=auto)
     kind: str
     description: str
     minimum: float | None = None
@@ -265,9 +266,9 @@ def _coerce_text(key: str, kind: str, value: str) -> Any:
             if lowered in ("false", "0", "no", "off"):
                 return False
             raise ValueError
-        if kind in ("object", "logit_bias", "array", "json"):
+        if kind in ("object", "logit_bias", "array"):
             return msgspec.json.decode(text)
-        if kind == "any":  # a field we do not know: JSON if it parses, else the text
+        if kind in ("json", "any"):  # JSON if it parses, else the text (a string)
             try:
                 return msgspec.json.decode(text)
             except msgspec.DecodeError:

@@ -30,7 +30,7 @@ _CHAT = {f.name: f for f in _CHAT_FIELDS}
 FIELDS: tuple[Field, ...] = (
     _f("model", "string", "Model whose tokenizer to use."),
     _f("prompt", "string", "Text to tokenize (give this or `messages`)."),
-    _f("messages", "json", "A conversation to tokenize as the chat template renders it "
+    _f("messages", "array", "A conversation to tokenize as the chat template renders it "
        "(give this or `prompt`). In a form body, a JSON string."),
     _f("add_special_tokens", "boolean", "Add the tokenizer's special tokens (default: true "
        "for `prompt`, false for `messages`)."),
