@@ -44,19 +44,25 @@ def per_call_us(fn: object, number: int = 100_000) -> float:
 
 
 def stream_chunk_us() -> float:
-    """One chunk of a stream whose client did not ask for running usage: read vLLM's
-    running usage out of it, then remove it from the bytes."""
-    from paragate.proxy import Target, _Events, _strip_usage
+    """One chunk of a stream whose client did not ask for running usage, through the
+    relay's ``_Events.feed``: vLLM's running usage read out of it, then removed from the
+    bytes."""
+    from paragate.proxy import Target, _Events
 
     chunk = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
              b'"choices":[{"index":0,"text":" foo","logprobs":null,"finish_reason":null,'
              b'"stop_reason":null}],"usage":{"prompt_tokens":5,"total_tokens":12,'
              b'"completion_tokens":7}}')
     ex = Exchange(request_id="1", record=None)
-    events = _Events(Target("http://u/v1/completions", b"", None, "m", "m"), False, False,
-                     1, ex)
-    return per_call_us(lambda: _strip_usage(chunk) if events.take_running(chunk) is None
-                       else None)
+    target = Target(fleet=None, body=b"", requested_model="m",  # type: ignore[arg-type]
+                    upstream_model="m")
+    events = _Events(target, "http://u/v1", False, False, 1, ex)
+    out: list[bytes] = []
+
+    def feed() -> None:
+        out.clear()
+        events.feed(chunk, out)
+    return per_call_us(feed)
 
 
 def sqlite_writer(records: int) -> tuple[float, float]:

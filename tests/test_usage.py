@@ -429,6 +429,39 @@ def test_running_usage_removed_as_vllm_would_leave_it_out(event: bytes,
     assert _strip_usage(event) == expected
 
 
+@pytest.mark.parametrize(("event", "expected", "counts"), [
+    # read from the bytes: a completion's chunk, a chat stream's first chunk (members go on
+    # after the usage), choice 3 of n=2's second prompt
+    (b'data: {"id":"c","choices":[{"index":0,"text":" }{"}],"usage":{"prompt_tokens":5,'
+     b'"total_tokens":12,"completion_tokens":7}}',
+     b'data: {"id":"c","choices":[{"index":0,"text":" }{"}]}', ({0: 5}, {0: 7})),
+    (b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}],'
+     b'"usage":{"prompt_tokens":10,"total_tokens":10,"completion_tokens":0,'
+     b'"completion_tokens_details":null},"prompt_token_ids":null}',
+     b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}],'
+     b'"prompt_token_ids":null}', ({0: 10}, {0: 0})),
+    (b'data: {"choices":[{"index":3,"text":"a"}],"usage":{"prompt_tokens":4,'
+     b'"completion_tokens":2}}', b'data: {"choices":[{"index":3,"text":"a"}]}',
+     ({1: 4}, {3: 2})),
+    # decoded whole: a nested usage, choices not first in its place
+    (b'data: {"choices":[{"text":"a","index":1}],"usage":{"prompt_tokens":4,'
+     b'"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}',
+     b'data: {"choices":[{"text":"a","index":1}]}', ({0: 4}, {1: 2})),
+])
+def test_running_usage_read_and_removed(event: bytes, expected: bytes,
+                                        counts: tuple[dict[int, int], dict[int, int]]) -> None:
+    from paragate.proxy import Target, _Events
+    from paragate.usage import Exchange
+
+    target = Target(fleet=None, body=b"", requested_model="m",  # type: ignore[arg-type]
+                    upstream_model="m")
+    events = _Events(target, "http://u/v1", False, False, 2, Exchange("r", None))
+    out: list[bytes] = []
+    events.feed(event, out)
+    assert out == [expected + b"\n\n"]
+    assert (events.prompt, events.completion) == counts
+
+
 def test_a_dead_letter_replayed_once_its_cause_is_gone(store: Store, tmp_path: Path) -> None:
     from paragate.usage import DeadLetters
 

@@ -10,6 +10,7 @@ it, whatever happens.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ __all__ = ["Target", "relay_json", "relay_stream", "upstream_rejection"]
 log = logging.getLogger("paragate.proxy")
 
 _DONE = b"data: [DONE]"
+# A chunk's choice index, as vLLM writes it: ``"choices":[{"index":N`` (a JSON string
+# cannot hold an unescaped quote, so this can only be the member itself)
+_CHOICE_INDEX = re.compile(rb'"choices":\[\{"index":(\d+)')
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -259,10 +263,14 @@ class _Events:
             if not self.want_usage:
                 return
         elif event.startswith(b"data: {"):
-            if b'"usage":{' in event:
-                self.take_running(event)
+            at = event.rfind(b',"usage":{')
+            if at >= 0:
+                end = event.find(b"}", at + 10)
+                flat = end > 0 and b"{" not in event[at + 10:end]
+                if not (flat and self.take_flat(event, at, end)):
+                    self.take_running(event)
                 if not self.want_running:
-                    event = _strip_usage(event)
+                    event = event[:at] + event[end + 1:] if flat else _strip_usage(event)
             if (not self.want_usage and self.fingerprint is not None
                     and b'"finish_reason":null' not in event and event.endswith(b"}")):
                 event = event[:-1] + self.fingerprint
@@ -284,6 +292,25 @@ class _Events:
                                         + msgspec.json.encode(answer.system_fingerprint)
                                         + b"}")
                 return
+
+    def take_flat(self, event: bytes, at: int, end: int) -> bool:
+        """Running usage read from the chunk's bytes, without decoding its text: the
+        flat usage object at ``at``..``end`` and the index of the chunk's choice (the
+        first member of ``choices``, as vLLM writes it). False: not in that shape
+        (``take_running`` decodes the chunk whole)."""
+        found = _CHOICE_INDEX.search(event, 6, at)
+        if found is None:
+            return False
+        try:
+            usage = msgspec.json.decode(event[at + 9:end + 1], type=_Usage)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        i = int(found[1])
+        if usage.prompt_tokens is not None:
+            self.prompt[i // self.n] = usage.prompt_tokens
+        if usage.completion_tokens is not None:
+            self.completion[i] = usage.completion_tokens
+        return True
 
     def take_running(self, event: bytes) -> None:
         try:
