@@ -656,3 +656,15 @@ async def test_a_replica_whose_queue_builds_gets_less(sqlite_store: Store, tmp_p
     finally:
         await api.aclose()
         await gw.stop()
+
+
+def test_each_endpoint_has_its_url_on_a_replica() -> None:
+    """Under the replica's /v1, or at that URL's root for /tokenize: never at its
+    health_url, which may be a sidecar's (the health checks' alone)."""
+    checked = Replica(dataclasses.replace(record(1), health_url="http://sidecar:9000"))
+    assert checked.endpoint("chat/completions") == "http://r1:8000/v1/chat/completions"
+    assert checked.endpoint("/tokenize") == "http://r1:8000/tokenize"
+    assert checked.base_url == "http://sidecar:9000"
+    bare = Replica(dataclasses.replace(record(2), url="http://r2:8000/"))
+    assert bare.endpoint("/tokenize") == "http://r2:8000/tokenize"
+    assert bare.endpoint("embeddings") == "http://r2:8000/embeddings"

@@ -25,18 +25,18 @@ from .fields import (
 from .fields import extra as _extra
 from .fields import field as _f
 
-__all__ = ["FIELDS", "ROLES", "ChatRequest", "check_messages", "parse_chat"]
+__all__ = ["FIELDS", "MEDIA_TOKENS", "ChatRequest", "check_messages", "estimate_chat_tokens",
+           "parse_chat"]
 
 _SHARED = {f.name: f for f in _COMPLETION_FIELDS}
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-_CONTENT_REQUIRED = ("system", "developer", "user", "tool")
 
 FIELDS: tuple[Field, ...] = (
     _SHARED["model"],
     _f("messages", "array", "The conversation: a non-empty list of messages, each with a "
-       "`role` (system, developer, user, assistant, tool; or the legacy function) and a "
-       "`content` (a string or a list of content parts; an assistant's may be null, as "
-       "when it has `tool_calls`). In a form body, a JSON string.", seed=False),
+       "`role` (system, developer, user, assistant, tool, or one the model's chat template "
+       "knows) and a `content` (a string or a list of content parts; absent or null reads "
+       "as empty, as for an assistant's `tool_calls`). In a form body, a JSON string.",
+       seed=False),
     _f("max_completion_tokens", "integer", "Maximum number of tokens to generate.",
        minimum=0, seed=False),
     _f("max_tokens", "integer", "Maximum number of tokens to generate (deprecated by "
@@ -71,6 +71,7 @@ FIELDS: tuple[Field, ...] = (
 _BY_NAME = {f.name: f for f in FIELDS}
 _CHECKED = checked_fields(FIELDS, "model", "messages", "tool_choice")
 _FORMATS = ("text", "json_object", "json_schema", "structural_tag")
+_AFFINITY_CHARS = 65_536
 
 
 @dataclass(slots=True)
@@ -98,12 +99,15 @@ class ChatRequest(ModelRequest):
     def affinity_fields(self) -> dict[str, Any]:
         """The conversation as text, message by message: requests that share their
         first messages (a system prompt, a long document) share its prefix."""
-        parts = []
+        parts, size = [], 0
         for m in self.body["messages"]:
             content = m.get("content")
             text = content if isinstance(content, str) else msgspec.json.encode(
                 content).decode()
-            parts.append(f"{m.get('role')}\n{text}\n")
+            parts.append(f"{m.get('role')}\n{text[:_AFFINITY_CHARS]}\n")
+            size += len(parts[-1])
+            if size >= _AFFINITY_CHARS:  # far more than any prefix the balancer reads
+                break
         return {"prompt": "".join(parts), "user": self.body.get("user")}
 
     def check_caps(self, *, max_prompts: int, max_n: int, allow_priority: bool) -> None:
@@ -112,19 +116,20 @@ class ChatRequest(ModelRequest):
 
     def reservation(self, *, reserve_max_tokens: int, max_request_tokens: int
                     ) -> tuple[int, int]:
-        """The prompt's estimate is the body's size in bytes: the messages and tools as
-        JSON are at least as long as the text the chat template makes of them, give or
-        take the template's own words, and settling puts vLLM's count in its place."""
+        """The prompt's estimate (``estimate_chat_tokens``) plus the most completion
+        tokens for each of the ``n`` choices."""
         body = self.body
-        estimate = len(self.raw) if self.raw is not None else len(msgspec.json.encode(
-            [body.get("messages"), body.get("tools")]))
+        estimate = estimate_chat_tokens(body)
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
         if max_tokens is None:
             max_tokens = reserve_max_tokens
         tokens = estimate + max_tokens * self.n
-        return too_large(tokens, max_request_tokens, self.model), estimate
+        return too_large(tokens, max_request_tokens, self.model, what="its messages, "
+                         "estimated, plus the most completion tokens for each choice",
+                         param="max_completion_tokens" if "max_completion_tokens" in body
+                         else "max_tokens"), estimate
 
 
 def parse_chat(content_type: bytes | None, raw: bytes) -> ChatRequest:
@@ -135,7 +140,7 @@ def parse_chat(content_type: bytes | None, raw: bytes) -> ChatRequest:
     check_fields(body, _CHECKED)
     _check_tools(body)
     _check_response_format(body.get("response_format"))
-    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+    if body.get("top_logprobs") not in (None, 0) and body.get("logprobs") is not True:
         raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.",
                              param="top_logprobs")
     stream, include_usage, running = stream_flags(body)
@@ -149,8 +154,10 @@ def _bad(param: str, message: str, code: str = "invalid_value") -> InvalidReques
 
 
 def check_messages(messages: Any) -> None:
-    """A non-empty list of messages, each with a known role and a content that is a
-    string or a list of parts (null only for an assistant)."""
+    """A non-empty list of messages, each with a string role and a content that is a
+    string, a list of parts (strings or objects) or absent. vLLM takes any role (a chat
+    template may know more than OpenAI's: ``ipython``) and an absent content as empty,
+    so only the shapes it would fail on are refused here."""
     if messages is None:
         raise _bad("messages", "'messages' is required.", "missing_field")
     if not isinstance(messages, list) or not messages:
@@ -164,25 +171,53 @@ def check_messages(messages: Any) -> None:
         role = message.get("role")
         if role is None:
             raise _bad(f"{at}.role", f"'{at}.role' is required.", "missing_field")
-        if not isinstance(role, str):
-            raise _bad(f"{at}.role", f"'{at}.role' must be a string, got "
-                       f"{msgspec.json.encode(role).decode()}.", "invalid_type")
-        if role not in ROLES:
-            raise _bad(f"{at}.role", f"'{at}.role' must be one of {', '.join(ROLES)}, got "
-                       f"{msgspec.json.encode(role).decode()}.")
+        if not isinstance(role, str) or not role:
+            raise _bad(f"{at}.role", f"'{at}.role' must be a non-empty string (system, "
+                       "developer, user, assistant, tool, or a role the model's chat "
+                       f"template knows), got {msgspec.json.encode(role).decode()}.",
+                       "invalid_type")
         content = message.get("content")
-        if content is None:
-            if role in _CONTENT_REQUIRED:
-                raise _bad(f"{at}.content", f"'{at}.content' is required for a {role} "
-                           "message.", "missing_field")
-        elif isinstance(content, list):
+        if isinstance(content, list):
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                if not isinstance(part, dict | str):
                     raise _bad(f"{at}.content[{j}]", f"'{at}.content[{j}]' must be a "
-                               "content part: a JSON object with a 'type'.", "invalid_type")
-        elif not isinstance(content, str):
+                               "content part: a string or a JSON object such as "
+                               "{\"type\": \"text\", \"text\": ...}.", "invalid_type")
+        elif content is not None and not isinstance(content, str):
             raise _bad(f"{at}.content", f"'{at}.content' must be a string or a list of "
                        "content parts.", "invalid_type")
+
+
+# What a message's parts other than text reserve: an image or an audio clip is tokens
+# that its bytes (a URL, or base64) say nothing about; settling puts vLLM's count in place.
+MEDIA_TOKENS = 4096
+_TEMPLATE_TOKENS = 32  # the chat template's own words: once a request, and per message
+_MESSAGE_TOKENS = 16
+
+
+def estimate_chat_tokens(body: dict[str, Any]) -> int:
+    """The prompt's tokens, estimated: each text's UTF-8 bytes (as for a completion's
+    prompt), each other part ``MEDIA_TOKENS``, the chat template's words, and the tools
+    and tool calls as JSON."""
+    total = _TEMPLATE_TOKENS
+    for message in body["messages"]:
+        total += _MESSAGE_TOKENS
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content.encode("utf-8", "surrogatepass"))
+        elif content:
+            for part in content:
+                if isinstance(part, str):
+                    total += len(part.encode("utf-8", "surrogatepass"))
+                elif isinstance(part.get("text"), str):
+                    total += len(part["text"].encode("utf-8", "surrogatepass"))
+                else:
+                    total += MEDIA_TOKENS
+        if message.get("tool_calls"):
+            total += len(msgspec.json.encode(message["tool_calls"]))
+    if body.get("tools"):
+        total += len(msgspec.json.encode(body["tools"]))
+    return total
 
 
 def _check_tools(body: dict[str, Any]) -> None:

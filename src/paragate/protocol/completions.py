@@ -64,13 +64,13 @@ FIELDS: tuple[Field, ...] = (
     _extra("length_penalty", "number", "vLLM: length penalty for beam search."),
     _extra("min_tokens", "integer", "vLLM: generate at least this many tokens."),
     _extra("ignore_eos", "boolean", "vLLM: keep generating after the end-of-sequence token."),
-    _extra("stop_token_ids", "object", "vLLM: token ids that stop generation."),
+    _extra("stop_token_ids", "array", "vLLM: token ids that stop generation."),
     _extra("include_stop_str_in_output", "boolean", "vLLM: keep the stop string in the text."),
     _extra("skip_special_tokens", "boolean", "vLLM: drop special tokens from the text."),
     _extra("spaces_between_special_tokens", "boolean", "vLLM: spaces around special tokens."),
     _extra("truncate_prompt_tokens", "integer", "vLLM: keep only the last k prompt tokens."),
     _extra("prompt_logprobs", "integer", "vLLM: log probabilities of the prompt tokens."),
-    _extra("allowed_token_ids", "object", "vLLM: restrict sampling to these token ids."),
+    _extra("allowed_token_ids", "array", "vLLM: restrict sampling to these token ids."),
     _extra("return_tokens_as_token_ids", "boolean", "vLLM: tokens as 'token_id:N'."),
     _extra("priority", "integer", "vLLM: scheduling priority."),
 )
@@ -129,14 +129,15 @@ class CompletionRequest(ModelRequest):
         return too_large(tokens, max_request_tokens, self.model), estimate
 
 
-def too_large(tokens: int, max_request_tokens: int, model: str) -> int:
+def too_large(tokens: int, max_request_tokens: int, model: str, *,
+              what: str = "its prompt, estimated, plus max_tokens for each completion",
+              param: str = "max_tokens", advice: str = "lower max_tokens or n") -> int:
     """``tokens``, or 400 when one request may use more than the model allows."""
     if tokens > max_request_tokens:
         raise ReservationTooLarge(
-            f"This request may use up to {tokens} tokens (its prompt, estimated, plus "
-            f"max_tokens for each completion), more than the {max_request_tokens} one "
-            f"request may use on model '{model}'; lower max_tokens or n.",
-            param="max_tokens")
+            f"This request may use up to {tokens} tokens ({what}), more than the "
+            f"{max_request_tokens} one request may use on model '{model}'; {advice}.",
+            param=param)
     return tokens
 
 

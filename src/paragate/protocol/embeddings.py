@@ -59,7 +59,9 @@ class EmbeddingRequest(ModelRequest):
     def reservation(self, *, reserve_max_tokens: int, max_request_tokens: int
                     ) -> tuple[int, int]:
         estimate = estimate_prompt_tokens(self.body["input"])
-        return too_large(estimate, max_request_tokens, self.model), estimate
+        return too_large(estimate, max_request_tokens, self.model,
+                         what="its input, estimated", param="input",
+                         advice="send fewer or shorter inputs"), estimate
 
 
 def parse_embeddings(content_type: bytes | None, raw: bytes) -> EmbeddingRequest:

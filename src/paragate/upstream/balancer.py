@@ -135,11 +135,16 @@ class Replica:
 
     def endpoint(self, path: str) -> str:
         """The URL of an upstream path: ``completions`` lies under the replica's URL
-        (vLLM's ``/v1``), ``/tokenize`` (a leading slash) at its root."""
+        (vLLM's ``/v1``), ``/tokenize`` (a leading slash) at that URL's root (not at
+        ``health_url``, which may be a sidecar's)."""
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = (self.base_url.rstrip("/") + path if path[0] == "/"
-                                      else self.url.rstrip("/") + "/" + path)
+            here = self.url.rstrip("/")
+            if path[0] == "/":  # the root of the replica's own URL, never its health_url
+                url = (here[:-3] if here.endswith("/v1") else here) + path
+            else:
+                url = here + "/" + path
+            self._urls[path] = url
         return url
 
     @property
