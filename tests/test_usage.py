@@ -23,7 +23,7 @@ from paragate.store.schema import usage_hourly
 from paragate.usage import Journal, UsageWriter
 from paragate.usage.journal import read_segment
 
-from .conftest import Keys, build_gateway
+from .conftest import Keys
 from .fake_vllm import FakeVLLM
 from .servers import TcpProxy
 from .test_completions import post
@@ -220,26 +220,20 @@ async def test_a_stop_during_a_pass_still_writes_what_came_meanwhile(
     assert count(store) == 1 and writer.journal.pending() == 0
 
 
-async def test_no_store_thread_runs_under_the_idle_policy(store: Store,
-                                                           tmp_path: Path) -> None:
-    """Every store thread of a gateway, the usage writer's included, at nice 10 and
-    never SCHED_IDLE: a thread holding the GIL that a busy core seldom runs stops the
-    event loop with it (the writer under SCHED_IDLE held a real gateway's loop for 14-19 s
-    beside a busy vLLM: e2e test_client_disconnect_aborts_generation)."""
-    gw = build_gateway(store, tmp_path)
-    threads = (gw.refresh_thread, gw.usage_thread, gw.catch_up_thread, gw.admin_thread)
+async def test_the_writer_thread_runs_only_on_idle_cpu() -> None:
+    """SCHED_IDLE: any other thread that wakes takes the core from it at once."""
+    idle, normal = StoreThread("test-idle", idle=True), StoreThread("test-normal")
     try:
-        for thread in threads:
-            assert await thread.run(os.sched_getscheduler, 0) == os.SCHED_OTHER
-            assert await thread.run(os.getpriority, os.PRIO_PROCESS, 0) == 10
+        assert await idle.run(os.sched_getscheduler, 0) == os.SCHED_IDLE
+        assert await normal.run(os.sched_getscheduler, 0) == os.SCHED_OTHER
+        assert await normal.run(os.getpriority, os.PRIO_PROCESS, 0) == 10
     finally:
-        for thread in threads:
-            thread.close()
-        gw.journal.close()
+        idle.close()
+        normal.close()
 
 
 class _Starved(StoreThread):
-    """The writer's thread on a core that requests keep busy: each call waits."""
+    """An idle-priority thread on a core that requests keep busy: each call waits."""
 
     def __init__(self) -> None:
         super().__init__("test-starved")
@@ -265,7 +259,7 @@ async def test_a_starved_writer_catches_up_at_normal_priority(
         assert count(store) == 1000 and j.pending() == 0
         assert starved.calls == 1 and writer.catch_ups == 1
         j.append(rec(1000))
-        await writer.drain()  # caught up: back on its own thread
+        await writer.drain()  # caught up: back on the idle thread
         assert starved.calls == 2 and writer.catch_ups == 1 and count(store) == 1001
     finally:
         j.close()

@@ -64,7 +64,7 @@ class Gateway:
     def build(cls, settings: Settings, store: Store | None = None) -> Gateway:
         store = store or Store(settings.database_url)
         refresh_thread = StoreThread("paragate-refresh")
-        usage_thread = StoreThread("paragate-usage")
+        usage_thread = StoreThread("paragate-usage", idle=True)
         catch_up_thread = StoreThread("paragate-usage-catch-up")  # started when needed
         registry = Registry(default_max_logprobs=settings.default_max_logprobs,
                             default_timeouts=Timeouts(

@@ -13,12 +13,12 @@ stays bounded however long the database is away.
   transaction; one that still fails goes to the dead-letter file (JSON lines beside the
   journal, re-imported by ``paragate usage replay``) and the others go in.
 
-Where it runs: in the gateway, ``thread`` is a nice-10 thread (see
-``background.StoreThread``), so the writer takes the CPU the request path leaves, in
-batches of at most ``idle_batch`` (the time one batch can hold the GIL). A core kept busy
-by requests can starve it; once the journal has not been empty for ``catch_up_after``
-seconds the writer moves to ``catch_up`` (a thread of its own) and full batches until it
-is empty again, so the lag stays bounded whatever the load.
+Where it runs: in the gateway, ``thread`` is an idle-priority thread (see
+``background.StoreThread``), so the writer takes no CPU the request path wants, in
+batches of at most ``idle_batch`` (the time one batch can be held up). A core kept busy
+by requests starves such a thread; once the journal has not been empty for
+``catch_up_after`` seconds the writer moves to ``catch_up`` (a nice-10 thread) and full
+batches until it is empty again, so the lag stays bounded whatever the load.
 """
 
 from __future__ import annotations
