@@ -241,3 +241,11 @@ def test_prefix_affinity_reads_a_conversation_and_embedding_inputs() -> None:
     embed = parse_embeddings(JSON, b'{"model": "m", "input": ["abc"]}')
     assert affinity_key("prefix", embed.affinity_fields(), 64) == affinity_key(
         "prefix", {"prompt": "abc"}, 64)
+
+
+def test_tokenize_answer_gets_total_tokens_or_passes_as_it_is() -> None:
+    from paragate.protocol.tokenize import with_total
+
+    assert with_total(b'{"count":2,"tokens":[1,2]}') == (
+        b'{"total_tokens":2,"count":2,"tokens":[1,2]}')
+    assert with_total(b'{"detail":"not vLLM"}') == b'{"detail":"not vLLM"}'

@@ -81,11 +81,7 @@ class ChatRequest(ModelRequest):
     def upstream_body(self, upstream_model: str, *, max_logprobs: int,
                       default_max_tokens: int | None, max_tokens_limit: int | None) -> bytes:
         body = self.body
-        top = body.get("top_logprobs")
-        if top is not None and top > max_logprobs:
-            raise InvalidRequest(
-                f"'top_logprobs' must be at most {max_logprobs} for model '{self.model}', "
-                f"got {top}.", param="top_logprobs")
+        check_max(body, ("top_logprobs",), max_logprobs, self.model)
         if max_tokens_limit is not None:
             check_max(body, ("max_completion_tokens", "max_tokens"), max_tokens_limit,
                       self.model)

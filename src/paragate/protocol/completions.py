@@ -87,11 +87,7 @@ class CompletionRequest(ModelRequest):
         """The body for vLLM: the served model name, the model's limits applied, and
         (when streaming) usage asked for so that it can be recorded."""
         body = self.body
-        logprobs = body.get("logprobs")
-        if logprobs is not None and logprobs > max_logprobs:
-            raise InvalidRequest(
-                f"'logprobs' must be at most {max_logprobs} for model '{self.model}', "
-                f"got {logprobs}.", param="logprobs")
+        check_max(body, ("logprobs",), max_logprobs, self.model)
         if max_tokens_limit is not None:
             check_max(body, ("max_tokens",), max_tokens_limit, self.model)
         changed = upstream_model != self.model
