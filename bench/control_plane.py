@@ -199,7 +199,7 @@ class Gateway:
     port: int
     startup_s: float
     rss_mb: float
-    version: int  # the config version its /health reports
+    version: int  # the config version its /ready reports
 
 
 def serve(procs: Procs, url: str) -> Gateway:
@@ -221,8 +221,8 @@ def serve(procs: Procs, url: str) -> Gateway:
         time.sleep(0.01)
     took = time.monotonic() - started
     time.sleep(1.0)
-    conn.request("GET", "/health")
-    version = int(json.loads(conn.getresponse().read())["config"]["version"])
+    conn.request("GET", "/ready")
+    version = int(json.loads(conn.getresponse().read())["view"]["version"])
     conn.close()
     return Gateway(proc, port, took, rss_mb(proc.popen.pid), version)
 

@@ -188,6 +188,7 @@ ENDPOINTS: list[tuple[Any, ...]] = [
     ("DELETE", "/api/v2/api-keys/{id}", None, ALL, MINE, MINE, MINE, MINE),
     ("POST", "/api/v2/api-keys/{id}/rotate", None, ALL, MINE, MINE, NEVER, NEVER),
     ("GET", "/api/v2/models", None, 200, 200, 200, 200, 200),
+    ("GET", "/api/v2/status", None, 200, 200, 200, 200, 200),
     ("POST", "/api/v2/models", NEW_MODEL, 201, 403, 403, 403, 403),
     # a system admin's key uses models like any key of the default company: A's and B's
     # models are not its to use (it sees the whole catalog with ?all=true, in EXTRA)

@@ -22,7 +22,7 @@ PROTECTED = [(p, m) for p, methods in ROUTES.items() for m in methods if p not i
 
 
 def test_public_routes_are_few_and_known() -> None:
-    assert set(PUBLIC_PATHS) == {"/health", "/ready", "/api/v2/openapi.json"}
+    assert set(PUBLIC_PATHS) == {"/health", "/ready", "/api/v2/openapi.json", "/metrics"}
     assert set(PUBLIC_PATHS) <= set(ROUTES)
     assert len(PROTECTED) >= 3
 
@@ -62,11 +62,22 @@ async def test_the_key_is_never_echoed(client: httpx.AsyncClient, keys: Keys) ->
     assert wrong not in r.text and wrong[-20:] not in r.text
 
 
-@pytest.mark.parametrize("path", sorted(PUBLIC_PATHS))
+@pytest.mark.parametrize("path", sorted(set(PUBLIC_PATHS) - {"/metrics"}))
 async def test_public_routes_answer_without_a_key(client: httpx.AsyncClient,
                                                    path: str) -> None:
     r = await client.get(path)
     assert r.status_code == 200
+
+
+async def test_metrics_want_an_admin_key_or_the_metrics_token(
+        client: httpx.AsyncClient, keys: Keys) -> None:
+    assert_envelope(await client.get("/metrics"), 401, "invalid_api_key")
+    assert_envelope(await client.get("/metrics", headers=auth(keys.full)), 403,
+                    "permission_denied")
+    r = await client.get("/metrics", headers=auth(keys.admin))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    assert "paragate_requests_total" in r.text
 
 
 async def test_unknown_path(client: httpx.AsyncClient, keys: Keys) -> None:

@@ -70,6 +70,8 @@ def test_models_lifecycle(tmp_path: Path) -> None:
     (["models", "add", "m", "--upstream", "http://h/v1", "--max-logprobs", "50"], {},
      "--max-logprobs"),
     (["keys", "create", "--name", "k", "--bogus"], {}, "No such option '--bogus'"),
+    (["models", "add", "m", "--upstream", "http://h/v1", "--log-payloads=yes"], {},
+     "does not take a value"),
 ])
 def test_mistakes_are_one_line_errors(tmp_path: Path, args: list[str], env: dict[str, str],
                                       words: str) -> None:
@@ -124,3 +126,34 @@ def test_models_update_unset_and_list_limits(tmp_path: Path) -> None:
     both = run(tmp_path, "models", "update", "m", "--unset", "max-tokens-limit",
                "--max-tokens-limit", "5")
     assert both.returncode != 0 and "contradict" in both.stderr
+
+
+def test_models_log_payloads(tmp_path: Path) -> None:
+    """On with --log-payloads, shown by `models list`, off again with --no-log-payloads,
+    each change audited; off unless asked for."""
+    import json
+
+    assert run(tmp_path, "models", "add", "quiet", "--upstream", "http://h/v1").returncode == 0
+    added = run(tmp_path, "models", "add", "loud", "--upstream", "http://h/v1",
+                "--log-payloads", "--max-n", "4")
+    assert added.returncode == 0, added.stderr
+    rows = {line.split()[0]: line for line in run(tmp_path, "models", "list").stdout
+            .splitlines()[1:]}
+    assert rows["loud"].endswith("max-n=4 log-payloads")
+    assert "log-payloads" not in rows["quiet"]
+    done = run(tmp_path, "models", "update", "loud", "--no-log-payloads")
+    assert done.returncode == 0, done.stderr
+    assert "log-payloads" not in run(tmp_path, "models", "list").stdout
+    assert run(tmp_path, "models", "update", "quiet", "--log-payloads").returncode == 0
+    again = run(tmp_path, "models", "update", "quiet", "--log-payloads")  # no change
+    assert again.returncode == 0, again.stderr
+    rows = {line.split()[0]: line for line in run(tmp_path, "models", "list").stdout
+            .splitlines()[1:]}
+    assert rows["quiet"].endswith("log-payloads") and "log-payloads" not in rows["loud"]
+    audit = [json.loads(line) for line in run(
+        tmp_path, "audit", "list", "--json", "--action", "model.").stdout.splitlines()]
+    changes = [(e["action"], e["changes"].get("log_payloads")) for e in audit]
+    assert changes == [("model.create", [None, False]), ("model.create", [None, True]),
+                       ("model.update", [True, False]), ("model.update", [False, True])]
+    assert {e["actor"]["type"] for e in audit} == {"cli"}
+

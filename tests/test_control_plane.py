@@ -4,6 +4,7 @@ keys, the audit log, client addresses, and how the gateway's view follows the st
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -485,3 +486,138 @@ async def test_the_gateway_stops_right_after_a_wake_up(store: Store) -> None:
         stopping.cancel()  # a second cancellation ends the old loop: no hung test run
     await stopping
     assert done, "Gateway.stop() did not return within 2 s"
+
+
+# -- log_payloads: prompts and completions in the log, per model, off by default -----------
+
+
+async def test_log_payloads_through_the_api(api: httpx.AsyncClient, tenancy: Tenancy,
+                                            gateway: Gateway) -> None:
+    root = auth(tenancy.root)
+    r = await api.post("/api/v2/models", headers=root, json={
+        "name": "quiet", "upstream_url": "http://127.0.0.1:9/v1"})
+    assert r.status_code == 201 and r.json()["log_payloads"] is False  # the default
+    r = await api.post("/api/v2/models", headers=root, json={
+        "name": "loud", "upstream_url": "http://127.0.0.1:9/v1", "log_payloads": True})
+    assert r.status_code == 201, r.text
+    assert r.json()["log_payloads"] is True
+    assert gateway.registry.routes["loud"].log_payloads is True  # the Route has it
+    assert gateway.registry.routes["quiet"].log_payloads is False
+    seen = await api.get("/api/v2/models/loud", headers=root)
+    assert seen.json()["log_payloads"] is True
+    for who in (tenancy.user, tenancy.admin):  # configuration: system admins only
+        seen = await api.get("/api/v2/models/loud", headers=auth(who))
+        assert seen.status_code == 200 and "log_payloads" not in seen.json()
+    # a change that leaves it alone keeps it; false clears it
+    r = await api.patch("/api/v2/models/loud", headers=root, json={"display_name": "Loud"})
+    assert r.json()["log_payloads"] is True
+    r = await api.patch("/api/v2/models/loud", headers=root, json={"log_payloads": False})
+    assert r.status_code == 200 and r.json()["log_payloads"] is False
+    assert gateway.registry.routes["loud"].log_payloads is False
+    r = await api.patch("/api/v2/models/quiet", headers=root, json={"log_payloads": True})
+    assert r.json()["log_payloads"] is True
+    # anything but a boolean is refused, in the envelope, naming the field
+    for method, path, body in (
+            ("POST", "/api/v2/models", {"name": "m3", "upstream_url": "http://h/v1",
+                                        "log_payloads": "yes"}),
+            ("POST", "/api/v2/models", {"name": "m3", "upstream_url": "http://h/v1",
+                                        "log_payloads": 1}),
+            ("PATCH", "/api/v2/models/quiet", {"log_payloads": "false"}),
+            ("PATCH", "/api/v2/models/quiet", {"log_payloads": 0}),
+            ("PATCH", "/api/v2/models/quiet", {"log_payloads": None})):
+        r = await api.request(method, path, headers=root, json=body)
+        assert_envelope(r, 400, "invalid_type", "log_payloads",
+                        type_="invalid_request_error")
+    assert gateway.registry.routes["quiet"].log_payloads is True  # nothing changed
+    assert "m3" not in gateway.registry.routes
+    # audited like every model field: on create even when off, on update when changed
+    entries = {}
+    for name in ("loud", "quiet"):
+        model_id = gateway.registry.routes[name].id
+        r = await api.get(f"/api/v2/audit-log?target=model:{model_id}", headers=root)
+        entries[name] = r.json()["data"]
+    assert [e["action"] for e in entries["loud"]] == ["model.create", "model.update",
+                                                      "model.update"]
+    assert entries["loud"][0]["changes"]["log_payloads"] == [None, True]
+    assert entries["loud"][1]["changes"] == {"display_name": ["loud", "Loud"]}
+    assert entries["loud"][2]["changes"] == {"log_payloads": [True, False]}
+    assert entries["quiet"][0]["changes"]["log_payloads"] == [None, False]
+    assert entries["quiet"][1]["changes"] == {"log_payloads": [False, True]}
+    assert entries["loud"][2]["actor"]["user_id"] is not None
+
+
+def test_log_payloads_is_checked_below_the_api(store: Store) -> None:
+    """The CLI's path, ``control``, refuses what the API's body types would."""
+    from paragate.errors import InvalidRequest
+
+    control.models.create(store, CLI, "m", upstream_url="http://h/v1")
+    for value, words in (("yes", "true or false"), (1, "true or false"),
+                         (None, "cannot be unset")):
+        with pytest.raises(InvalidRequest, match=words) as err:
+            control.models.update(store, CLI, "m", log_payloads=value)
+        assert err.value.param == "log_payloads"
+    with pytest.raises(InvalidRequest, match="true or false"):
+        control.models.create(store, CLI, "n", upstream_url="http://h/v1", log_payloads="on")
+    assert control.models.get(store, CLI, "m").log_payloads is False
+    assert control.models.update(store, CLI, "m", log_payloads=True).log_payloads is True
+
+
+def _payload_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "log_payloads" in r.getMessage()]
+
+
+async def test_a_warning_names_the_models_whose_payloads_are_logged(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="paragate")
+    control.models.create(store, CLI, "alfred-4.2", upstream_url="http://127.0.0.1:9/v1",
+                          log_payloads=True)
+    control.models.create(store, CLI, "beta", upstream_url="http://127.0.0.1:9/v1")
+    control.models.create(store, CLI, "gamma", upstream_url="http://127.0.0.1:9/v1")
+    gw = await _gateway(store, refresh_interval=60)  # only our refreshes below
+    try:
+        # at start-up: one line, naming the one model
+        assert _payload_warnings(caplog) == [
+            "prompts and completions of model(s) alfred-4.2 are written to the log "
+            "(log_payloads is on)"]
+        assert {r.name for r in caplog.records if "log_payloads" in r.getMessage()} == {
+            "paragate.registry"}
+        caplog.clear()
+        # a refresh that changes other things, or nothing, says nothing again
+        control.models.update(store, CLI, "beta", display_name="Beta")
+        control.models.update(store, CLI, "alfred-4.2", max_n=4)
+        await gw.refresher.refresh()
+        await gw.refresher.refresh()
+        assert _payload_warnings(caplog) == []
+        # the set changes: one line naming them all
+        control.models.update(store, CLI, "beta", log_payloads=True)
+        await gw.refresher.refresh()
+        assert _payload_warnings(caplog) == [
+            "prompts and completions of model(s) alfred-4.2, beta are written to the log "
+            "(log_payloads is on)"]
+        caplog.clear()
+        # a rename or a disabled model changes the names that log
+        control.models.update(store, CLI, "alfred-4.2", name="alfred-5", enabled=False)
+        await gw.refresher.refresh()
+        assert _payload_warnings(caplog) == [
+            "prompts and completions of model(s) beta are written to the log "
+            "(log_payloads is on)"]
+        caplog.clear()
+        # none any more: no warning, one line saying so
+        control.models.update(store, CLI, "beta", log_payloads=False)
+        await gw.refresher.refresh()
+        assert _payload_warnings(caplog) == []
+        assert "no model's prompts and completions are written to the log any more" in (
+            caplog.text)
+        caplog.clear()
+        control.models.update(store, CLI, "gamma", display_name="Gamma")
+        await gw.refresher.refresh()
+        assert "written to the log" not in caplog.text
+    finally:
+        await gw.stop()
+    # a gateway that starts with no such model says nothing about it
+    caplog.clear()
+    quiet = await _gateway(store, refresh_interval=60)
+    await quiet.stop()
+    assert "written to the log" not in caplog.text
+

@@ -137,7 +137,7 @@ async def test_a_store_outage_is_reported_then_bounded(tmp_path: Path, fresh_pg:
             started = time.monotonic()
 
             async def unreachable() -> bool:
-                return (await http.get("/health")).json()["config"]["store"] == "unreachable"
+                return (await http.get("/ready")).json()["store"] == "unreachable"
 
             await _until(unreachable, 3)
             assert (await http.get("/api/v2/me", headers=auth(root))).status_code == 200
@@ -145,13 +145,16 @@ async def test_a_store_outage_is_reported_then_bounded(tmp_path: Path, fresh_pg:
             r = await http.get("/api/v2/me", headers=auth(root))
             assert r.status_code == 503 and r.json()["error"]["code"] == (
                 "control_plane_unavailable")
-            assert (await http.get("/health")).status_code == 503
+            assert (await http.get("/ready")).json()["status"] == "stale"
+            assert (await http.get("/health")).status_code == 200  # liveness holds
             # without a bound (the default) the last view keeps serving, and says so
             r = await http.get(unbounded.url + "/api/v2/me", headers=auth(root))
             assert r.status_code == 200
-            health = (await http.get(unbounded.url + "/health")).json()
-            assert health["status"] == "ok" and health["config"]["age_seconds"] > 2
-            assert health["config"]["store"] == "unreachable"
+            ready = await http.get(unbounded.url + "/ready")
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+            assert ready.json()["view"]["age_seconds"] > 2
+            assert ready.json()["store"] == "unreachable"
+            assert "no bound" in ready.json()["reason"]
             proxy.up()
 
             async def serving() -> bool:
@@ -396,7 +399,8 @@ async def test_no_secret_anywhere(tmp_path: Path, fake: FakeVLLM) -> None:
     store.close()
     places = {"answers": "\n".join(answers), "log": gateway.log.read_text(),
               "audit and usage rows": stored}
-    assert "api_key.rotate" in stored and "GET /api/v2/models" in places["log"]
+    assert "api_key.rotate" in stored and (
+        '"method":"GET","endpoint":"/api/v2/models"' in places["log"])
     assert "paragate ready" in places["log"]  # paragate's own lines are there too
     assert "applied config version" in places["log"]
     for where, found in places.items():

@@ -158,9 +158,14 @@ async def test_admin_answers_match_the_document(client: httpx.AsyncClient,
     await call("POST", "/api/v2/api-keys/{id}/rotate", f"/api/v2/api-keys/{key}/rotate")
     await call("DELETE", "/api/v2/api-keys/{id}", f"/api/v2/api-keys/{key}")
     await call("POST", "/api/v2/api-keys", "/api/v2/api-keys", {"name": ""})  # a 400
-    await call("POST", "/api/v2/models", "/api/v2/models",
-               {"name": "m", "upstream_url": "http://h/v1", "companies": [company],
-                "limits": {"max_logprobs": 3}})
+    made = await call("POST", "/api/v2/models", "/api/v2/models",
+                      {"name": "m", "upstream_url": "http://h/v1", "companies": [company],
+                       "limits": {"max_logprobs": 3}, "log_payloads": True})
+    assert made["log_payloads"] is True
+    for name, default in (("ModelCreate", {"default": False}), ("ModelUpdate", {}),
+                          ("Model", {})):
+        field = doc["components"]["schemas"][name]["properties"]["log_payloads"]
+        assert field == {"type": "boolean", **default}, name
     await call("GET", "/api/v2/models", "/api/v2/models?all=true")
     await call("GET", "/api/v2/models/{model}", "/api/v2/models/m?all=true")
     await call("PATCH", "/api/v2/models/{model}", "/api/v2/models/m", {"enabled": False})
@@ -180,9 +185,16 @@ async def test_admin_answers_match_the_document(client: httpx.AsyncClient,
     await call("GET", "/api/v2/reporting/usage", "/api/v2/reporting/usage?group_by=key,model")
     await call("GET", "/api/v2/reporting/usage", "/api/v2/reporting/usage?bucket=week")
     await call("GET", "/ready", "/ready")
+    await call("GET", "/health", "/health")
+    await call("GET", "/api/v2/status", "/api/v2/status")
     await call("DELETE", "/api/v2/users/{id}", f"/api/v2/users/{user}")
     await call("DELETE", one, f"/api/v2/companies/{company}")
     await call("DELETE", one, "/api/v2/companies/1")  # a 409
+    metrics = await client.get("/metrics", headers=root)
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "200" in doc["paths"]["/metrics"]["get"]["responses"]
+    seen.add(("get", "/metrics"))  # text, not JSON: checked here
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops
-                  if m != "parameters" and p not in (*OPERATIONS, "/health")}
+                  if m != "parameters" and p not in OPERATIONS}
     assert documented - seen == set()

@@ -5,10 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
 
 from paragate import control
+from paragate.store import _MIGRATIONS as MIGRATIONS
 from paragate.store import Store, UsageRecord
 from paragate.store.schema import metadata
 
@@ -86,3 +90,55 @@ def test_last_used_is_not_a_config_change(store: Store) -> None:
 
 def test_postgres_url_without_driver_uses_psycopg() -> None:
     assert Store("postgresql://u@h/db").url.drivername == "postgresql+psycopg"
+
+
+def _alembic(url: str, step: str, revision: str) -> None:
+    """Run one of alembic's commands (``upgrade``, ``downgrade``) on the store at ``url``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(Store(url).url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        getattr(command, step)(cfg, revision)
+    engine.dispose()
+
+
+def _model_columns(url: str) -> set[str]:
+    engine = create_engine(Store(url).url)
+    try:
+        return {c["name"] for c in inspect(engine).get_columns("models")}
+    finally:
+        engine.dispose()
+
+
+def test_migration_0007_adds_log_payloads_off(store_url: str) -> None:
+    """A model configured before 0007 keeps its prompts out of the log; 0007 goes down
+    and up again cleanly."""
+    _alembic(store_url, "upgrade", "0006")
+    assert "log_payloads" not in _model_columns(store_url)
+    engine = create_engine(Store(store_url).url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO models (name, display_name, type, upstream_url, upstream_model, "
+            "enabled, version, created_at, updated_at) VALUES ('old', 'Old', 'llm', "
+            "'http://h/v1', 'old', true, 1, :t, :t)"), {"t": "2026-11-30 10:00:00+00:00"})
+    engine.dispose()
+    store = Store(store_url)
+    try:
+        store.migrate()
+        (old,) = store.changes(0).models
+        assert old.name == "old" and old.log_payloads is False
+        control.models.update(store, CLI, "old", log_payloads=True)
+        assert control.models.get(store, CLI, "old").log_payloads is True
+    finally:
+        store.close()
+    _alembic(store_url, "downgrade", "0006")
+    assert "log_payloads" not in _model_columns(store_url)
+    _alembic(store_url, "upgrade", "head")
+    assert "log_payloads" in _model_columns(store_url)
+    store = Store(store_url)
+    try:
+        assert store.changes(0).models[0].log_payloads is False  # the default again
+    finally:
+        store.close()
+

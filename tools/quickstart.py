@@ -185,6 +185,9 @@ A chat completion, then the same streamed:
 An embedding, and a token count:
 {curl("embeddings", f'{{"model": "{EMBED_MODEL}", "input": "def main():"}}')}
 {curl("tokenize", f'{{"model": "{MODEL}", "prompt": "def main():"}}')}
+Which models are available now, and the Prometheus metrics (docs/observability.md):
+  curl -s {base}/api/v2/status -H 'Authorization: Bearer {token}'
+  curl -s {base}/metrics -H 'Authorization: Bearer {token}' | grep '^paragate_requests_total'
 With the openai SDK (installed in this venv):
   {sys.executable} -c "import openai
 c = openai.OpenAI(base_url='{base}/api/v2', api_key='{token}')

@@ -72,6 +72,8 @@ PERMISSIONS = {p.name: p for p in (
        "with key_manager)", key_manager=True),
     _p("models.manage", (ADMIN,), "create, change and delete models; see every model"),
     _p("audit.read", _ADMINS, "read the audit log (company admins: their company's)"),
+    _p("metrics.read", (ADMIN,), "read the Prometheus metrics (or with "
+       "PARAGATE_METRICS_TOKEN)"),
     _p("usage.report", _ANYONE, "read usage reports (users: their own keys; company "
        "admins: their company's)"),
 )}

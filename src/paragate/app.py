@@ -8,15 +8,27 @@ request is what the handlers do.
 from __future__ import annotations
 
 import logging
+import time
 
 from . import admin, routes
 from .access import require
-from .asgi import ClientGone, Receive, Scope, Send, header, send_error
+from .asgi import (
+    ClientGone,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    request_id,
+    send_error,
+)
 from .config import Settings
 from .errors import GatewayError, MethodNotAllowed, NotFound, NotServed
 from .gateway import Gateway
 from .routing import Endpoint, Request, Router, Table
 from .store import Store
+from .tracing import NO_TRACE
+from .usage import client_request_id
 
 __all__ = ["NOT_SERVED", "PUBLIC_PATHS", "ROUTES", "App", "create_app"]
 
@@ -43,6 +55,8 @@ PUBLIC_PATHS: dict[str, str] = {
     "/health": "load balancers and orchestrators probe liveness without credentials",
     "/ready": "load balancers probe readiness (503 while draining) without credentials",
     "/api/v2/openapi.json": "the API's description holds no data and helps clients integrate",
+    "/metrics": "Prometheus scrapes it with PARAGATE_METRICS_TOKEN, which is no API key; "
+                "the handler checks that token, else an admin's key",
 }
 _ROUTER = Router(ROUTES)
 
@@ -78,6 +92,33 @@ if {p for p, m in ROUTES.items() for e in m.values() if e.permission is None} !=
     raise RuntimeError("the public endpoints and PUBLIC_PATHS disagree")
 
 
+def _identity(r: Request) -> list[tuple[bytes, bytes]]:
+    """The headers every answer carries: its request id and the gateway's own time on
+    it so far (less the upstream's, for a forwarded request), in milliseconds."""
+    ex = r.exchange
+    spent = time.monotonic() - r.started - (ex.waited if ex is not None else 0.0)
+    return [(b"x-request-id", r.response_id.encode()),
+            (b"x-paragate-overhead-ms", b"%.3f" % (max(spent, 0.0) * 1000))]
+
+
+class _Answer:
+    """``send`` for the handlers that are not forwarded: adds the identity headers to
+    the answer and remembers its status."""
+
+    __slots__ = ("r", "send", "status")
+
+    def __init__(self, send: Send, r: Request) -> None:
+        self.send = send
+        self.r = r
+        self.status = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message["headers"] = [*message.get("headers", ()), *_identity(self.r)]
+        await self.send(message)
+
+
 class App:
     """``App(gateway)`` is an ASGI 3 application."""
 
@@ -93,36 +134,67 @@ class App:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
+        started = time.monotonic()
+        ours = request_id()
+        shown = client_request_id(header(scope, b"x-request-id")) or ours
+        r = Request(scope, receive, send, None, request_id=ours, response_id=shown,
+                    started=started)
+        endpoint_name = "unmatched"  # the metrics' and the log's ``endpoint``
+        endpoint: Endpoint | None = None
+        status, error = 0, None
+        tracing = gw.tracing
+        trace = r.trace = NO_TRACE
         try:
             found = _ROUTER.match(scope["path"])
             if found is None:
                 feature = _not_served(scope["path"])
                 if feature is None:
                     raise NotFound(f"No route for {scope['path'][:200]}.")
-                gw.registry.authenticate(header(scope, b"authorization"))
+                endpoint_name = feature
+                r.principal = gw.registry.authenticate(header(scope, b"authorization"))
                 raise NotServed(f"{feature} is part of Paradigm's API that this gateway "
                                 "does not serve.")
-            _, (param, sub), methods = found
+            endpoint_name, (r.path_param, r.sub_param), methods = found
+            if tracing is not None:
+                trace = r.trace = tracing.request(scope, endpoint_name)
             endpoint = methods.get(scope["method"])
             if endpoint is None:
                 allowed = ", ".join(sorted(methods))
                 raise MethodNotAllowed(
                     f"Method {scope['method'][:20]} is not allowed here; use {allowed}.",
                     headers={"allow": allowed})
-            principal = None
             permission = endpoint.permission
             if permission is not None:  # the one authorization check, before any body
-                principal = gw.registry.authenticate(header(scope, b"authorization"))
-                if principal.role not in permission.roles or permission.key_manager:
-                    require(principal, permission)
-            await endpoint.handler(gw, Request(scope, receive, send, principal, param, sub))
+                with trace.span("paragate.auth"):
+                    principal = r.principal = gw.registry.authenticate(
+                        header(scope, b"authorization"))
+                    if principal.role not in permission.roles or permission.key_manager:
+                        require(principal, permission)
+            if endpoint.forwards:
+                await endpoint.handler(gw, r)
+                return
+            answer = r.send = _Answer(send, r)
+            await endpoint.handler(gw, r)
+            status = answer.status
         except GatewayError as exc:
-            await send_error(send, exc)
+            status, error = exc.http_status, exc.code
+            await send_error(send, exc, _identity(r))
         except ClientGone:
-            pass  # nobody is left to answer
+            status, error = 499, "client_disconnected"  # nobody is left to answer
         except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            await send_error(send, GatewayError("Internal server error."))
+            log.exception("unhandled error on %s %s", scope["method"], endpoint_name)
+            status, error = 500, "internal_error"
+            await send_error(send, GatewayError("Internal server error."), _identity(r))
+        finally:
+            ex = r.exchange
+            if ex is None:  # a forwarded request counts itself (dispatch.forward)
+                gw.telemetry.answered(
+                    r, scope["method"], endpoint_name, status or 500, error,
+                    "unknown" if endpoint is not None and endpoint.forwards else "")
+            if tracing is not None:
+                if ex is not None:
+                    status, error = ex.status or status, ex.error_type or error
+                trace.end(status or 500, error)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -10,6 +10,7 @@ from typing import Any
 from .errors import GatewayError, RequestTooLarge
 
 __all__ = [
+    "Message",
     "Receive",
     "Scope",
     "Send",
@@ -53,9 +54,10 @@ async def send_json(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
+async def send_error(send: Send, error: GatewayError,
+                     more: Iterable[tuple[bytes, bytes]] = ()) -> None:
     headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
-    await send_json(send, error.http_status, error.render(), headers)
+    await send_json(send, error.http_status, error.render(), [*headers, *more])
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

@@ -9,16 +9,17 @@ is reported as one line on stderr with a non-zero exit, never as a traceback.
 
 from __future__ import annotations
 
-import copy
 import math
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__, control
@@ -29,6 +30,7 @@ from .control.common import MAX_PAGE
 from .control.keys import Key
 from .control.users import DEFAULT_USER, SYSTEM_ADMIN
 from .errors import GatewayError
+from .logs import logging_config
 from .store import ModelRecord, Store
 
 CLI = Actor.cli()
@@ -151,30 +153,36 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             _check_limits_per_process(store, settings)
     finally:
         store.close()
-    # uvicorn configures its own loggers only: paragate's go to the same handler
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["paragate"] = {"handlers": ["default"], "propagate": False,
-                                         "level": settings.log_level.upper()}
-    uvicorn.run(
-        "paragate.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_level=settings.log_level,
-        log_config=log_config,
-        access_log=settings.access_log,
-        server_header=False,
-        proxy_headers=False,  # paragate reads X-Forwarded-For itself, from trusted proxies
-        date_header=False,
-        # paragate's own sequence (shutdown.py) ends streams at shutdown_timeout; this is
-        # uvicorn's backstop for whatever is still running a little after that
-        timeout_graceful_shutdown=math.ceil(max(
-            settings.shutdown_timeout - settings.shutdown_delay, 0)) + 2,
-    )
+    directory = None
+    if settings.workers > 1 and settings.metrics:
+        # prometheus-client's multiprocess mode: each worker's values in files here,
+        # added up at a scrape (metrics.py); a fresh directory for each run
+        directory = tempfile.mkdtemp(prefix="paragate-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        uvicorn.run(
+            "paragate.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level=settings.log_level,
+            log_config=logging_config(settings.log_level, settings.log_format),
+            access_log=False,  # paragate writes its own line per request (logs.py)
+            server_header=False,
+            proxy_headers=False,  # paragate reads X-Forwarded-For itself, from trusted proxies
+            date_header=False,
+            # paragate's own sequence (shutdown.py) ends streams at shutdown_timeout; this
+            # is uvicorn's backstop for whatever is still running a little after that
+            timeout_graceful_shutdown=math.ceil(max(
+                settings.shutdown_timeout - settings.shutdown_delay, 0)) + 2,
+        )
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _check_limits_per_process(store: Store, settings: Settings) -> None:
@@ -196,11 +204,9 @@ def _check_limits_per_process(store: Store, settings: Settings) -> None:
 @cli.command("settings")
 def show_settings() -> None:
     """List every setting: its variable, its value now and what it does."""
-    current = _settings()
+    shown = _settings().shown()  # never a password or a token
     for s in SETTINGS:
-        value = getattr(current, s.name)
-        if s.name == "database_url":  # shown on screens and in logs: never its password
-            value = make_url(value).render_as_string(hide_password=True)
+        value = shown[s.name]
         click.echo(f"{s.env}={value}")
         click.echo(f"    {s.help} [default: {s.default}]")
 
@@ -555,6 +561,10 @@ def _model_options(f: F) -> F:
                      "(prompts that start alike go to the same one, for vLLM's prefix "
                      "cache), user (the same `user` field, the same one) [default on add: "
                      "none]."),
+        click.option("--log-payloads/--no-log-payloads", default=None,
+                     help="Write the prompts and completions of its requests to the "
+                     "gateway's log; gateways warn of it at start-up [default on add: "
+                     "off]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -754,6 +764,8 @@ def _limits(m: ModelRecord) -> str:
         ("max-n", m.max_n), ("max-request-tokens", m.max_request_tokens),
         *((k.replace("_", "-"), v) for k, v in (m.rate_limits or {}).items()))
         if value is not None]
+    if m.log_payloads:  # not a limit, but the one switch an operator must not miss
+        parts.append("log-payloads")
     return " ".join(parts) or "-"
 
 

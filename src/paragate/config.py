@@ -47,7 +47,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", 8080, "Port `paragate serve` listens on."),
     Setting("workers", 1, "Worker processes for `paragate serve`."),
     Setting("log_level", "info", "Log level: debug, info, warning or error."),
-    Setting("access_log", False, "Log one line per HTTP request."),
+    Setting(
+        "log_format",
+        "json",
+        "Log format on stderr: `json` (one JSON object a line) or `text`.",
+    ),
+    Setting(
+        "access_log",
+        True,
+        "Log one line per request (request id, key prefix, company, model, endpoint, "
+        "replica, status, error code, tokens, durations); never a prompt or a key.",
+    ),
     Setting(
         "max_body_bytes",
         4 * 1024 * 1024,
@@ -264,6 +274,44 @@ SETTINGS: tuple[Setting, ...] = (
         "`max_tokens_limit` to its context length for exact reservations).",
     ),
     Setting(
+        "metrics",
+        True,
+        "Record Prometheus metrics and serve them at `/metrics` (false: neither).",
+    ),
+    Setting(
+        "metrics_token",
+        "",
+        "A bearer token that Prometheus may send to `/metrics` on the main port instead "
+        "of an admin key (empty: admin keys only). Never logged.",
+    ),
+    Setting(
+        "metrics_port",
+        0,
+        "Also serve `/metrics` without a key on this port, bound to `metrics_host` "
+        "(0: not served on a port of its own).",
+    ),
+    Setting("metrics_host", "127.0.0.1", "Address the `metrics_port` listener binds to."),
+    Setting(
+        "metrics_company_label",
+        False,
+        "Add a `company` label (the company's name) to the request and token counters; "
+        "for small deployments (one series per company and model).",
+    ),
+    Setting(
+        "otlp_endpoint",
+        "",
+        "OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces): spans for "
+        "authentication, routing, limits and the upstream call, with `traceparent` sent "
+        "to vLLM (empty: tracing off).",
+    ),
+    Setting(
+        "otlp_headers",
+        "",
+        "Headers sent with each OTLP export, `name=value` pairs separated by commas "
+        "(e.g. an authorization token). Never logged.",
+    ),
+    Setting("traces_sample_ratio", 1.0, "Share of requests traced, 0 to 1 (parent-based)."),
+    Setting(
         "trusted_proxies",
         "",
         "Comma-separated networks (e.g. 10.0.0.0/8,127.0.0.1) of load balancers whose "
@@ -294,7 +342,8 @@ class Settings:
     port: int = 8080
     workers: int = 1
     log_level: str = "info"
-    access_log: bool = False
+    log_format: str = "json"
+    access_log: bool = True
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_logprobs: int = 5
     upstream_connect_timeout: float = 5.0
@@ -331,6 +380,14 @@ class Settings:
     max_n: int = 16
     max_request_tokens: int = 1_000_000
     reserve_max_tokens: int = 16384
+    metrics: bool = True
+    metrics_token: str = ""
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_company_label: bool = False
+    otlp_endpoint: str = ""
+    otlp_headers: str = ""
+    traces_sample_ratio: float = 1.0
     trusted_proxies: str = ""
 
     def journal_path(self) -> Path:
@@ -348,6 +405,26 @@ class Settings:
     def proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
         return tuple(ip_network(n.strip(), strict=False)
                      for n in self.trusted_proxies.split(",") if n.strip())
+
+    def shown(self) -> dict[str, Any]:
+        """Every setting as it may be shown on a screen or in a log: passwords in URLs,
+        the metrics token and the OTLP header values masked."""
+        from sqlalchemy.engine import make_url
+
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("database_url", "redis_url"):
+            if out[name]:
+                try:
+                    out[name] = make_url(out[name]).render_as_string(hide_password=True)
+                except Exception:  # an unparsable URL: shown as nothing rather than leaked
+                    out[name] = "***"
+        if out["metrics_token"]:
+            out["metrics_token"] = "***"
+        if out["otlp_headers"]:
+            out["otlp_headers"] = ",".join(
+                p.split("=", 1)[0].strip() + "=***"
+                for p in out["otlp_headers"].split(",") if p.strip())
+        return out
 
     def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -385,6 +462,20 @@ def _coerce(name: str, raw: Any) -> Any:
 def _check(settings: Settings) -> Settings:
     if settings.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
+    if settings.log_format not in ("json", "text"):
+        raise ConfigError("log_format: expected json or text")
+    if not 0 <= settings.metrics_port <= 65535:
+        raise ConfigError("metrics_port: must be between 0 and 65535")
+    if settings.metrics_port and settings.metrics_port == settings.port:
+        raise ConfigError("metrics_port: must differ from port")
+    if not 0.0 <= settings.traces_sample_ratio <= 1.0:
+        raise ConfigError("traces_sample_ratio: must be between 0 and 1")
+    if settings.otlp_endpoint and not settings.otlp_endpoint.startswith(
+            ("http://", "https://")):
+        raise ConfigError("otlp_endpoint: expected an http:// or https:// URL")
+    for pair in filter(None, (p.strip() for p in settings.otlp_headers.split(","))):
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
+            raise ConfigError("otlp_headers: expected name=value pairs separated by commas")
     for name in ("port", "workers", "max_body_bytes", "upstream_max_connections",
                  "upstream_keepalive", "upstream_retries", "upstream_retry_window",
                  "health_interval",

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .asgi import ClientGone, Receive, header, read_body, request_id
+from .asgi import ClientGone, Receive, header, read_body
 from .errors import GatewayError, ShuttingDown, WrongModelType
 from .gateway import Gateway
 from .protocol import ModelRequest
 from .proxy import Target, relay_json, relay_stream
 from .routing import Request
 from .upstream.balancer import affinity_key
-from .usage import Exchange, client_request_id
+from .usage import Exchange
 
 __all__ = ["Operation", "forward"]
 
@@ -77,62 +77,78 @@ def _exchange(gw: Gateway, r: Request, endpoint: str) -> Exchange:
     """The usage of one authenticated request, journaled unless its key opted out."""
     who = r.caller
     return Exchange(
-        request_id=request_id(),
+        request_id=r.request_id,
         record=gw.journal.append if who.usage_opt_in else None,
         key_id=who.key_id, user_id=who.user_id, company_id=who.company_id,
-        client_request_id=client_request_id(header(r.scope, b"x-request-id")),
-        endpoint=endpoint)
+        client_request_id=r.response_id if r.response_id != r.request_id else None,
+        endpoint=endpoint, started=r.started)
 
 
 async def forward(gw: Gateway, r: Request, op: Operation) -> None:
-    ex = _exchange(gw, r, op.path)
+    ex = r.exchange = _exchange(gw, r, op.path)
     task = asyncio.current_task()
     assert task is not None
     hangup = _Hangup(task)
     watcher: asyncio.Task[None] | None = None
+    trace = r.trace
+    counts = gw.telemetry.in_flight
+    counts[op.path] = counts.get(op.path, 0) + 1
+    streams: dict[str, int] | None = None
+    raw = b""
+    keep = False
     try:
         raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
-        req = op.parse(header(r.scope, b"content-type"), raw)
-        ex.model, ex.stream, ex.n = req.model, req.stream, req.n
-        who = r.caller
-        route = gw.registry.resolve(who, req.model)
-        ex.model, ex.model_id = route.name, route.id
-        op.check_type(route.name, route.type)
-        req.check_caps(max_prompts=route.max_prompts, max_n=route.max_n,
-                       allow_priority=who.allow_priority)
-        body = req.upstream_body(  # the model's own limits (logprobs, max_tokens) apply
-            route.upstream_model,
-            max_logprobs=route.max_logprobs,
-            default_max_tokens=route.default_max_tokens,
-            max_tokens_limit=route.max_tokens_limit,
-        )
-        tokens, prompt = req.reservation(
-            reserve_max_tokens=route.max_tokens_limit or gw.settings.reserve_max_tokens,
-            max_request_tokens=route.max_request_tokens)
+        with trace.span("paragate.route"):
+            req = op.parse(header(r.scope, b"content-type"), raw)
+            ex.model, ex.stream, ex.n = req.model, req.stream, req.n
+            who = r.caller
+            route = gw.registry.resolve(who, req.model)
+            ex.model, ex.model_id = route.name, route.id
+            op.check_type(route.name, route.type)
+            req.check_caps(max_prompts=route.max_prompts, max_n=route.max_n,
+                           allow_priority=who.allow_priority)
+            body = req.upstream_body(  # the model's own limits (logprobs, max_tokens) apply
+                route.upstream_model,
+                max_logprobs=route.max_logprobs,
+                default_max_tokens=route.default_max_tokens,
+                max_tokens_limit=route.max_tokens_limit,
+            )
+            tokens, prompt = req.reservation(
+                reserve_max_tokens=route.max_tokens_limit or gw.settings.reserve_max_tokens,
+                max_request_tokens=route.max_request_tokens)
+        keep = route.log_payloads
         # Last before forwarding, so that only a request that will be sent spends it.
         limits = who.limits + route.limits if route.limits else who.limits
         if limits:
-            ex.ticket = await gw.limiter.admit(limits, tokens, prompt, route.name)
-        target = Target(
-            fleet=gw.balancer.fleet(route.id, route.name, route.replicas),
-            body=body,
-            requested_model=req.model,
-            upstream_model=route.upstream_model,
-            timeouts=route.timeouts,
-            affinity=None if route.affinity == "none" else affinity_key(
-                route.affinity, req.affinity_fields(), gw.settings.affinity_prefix_chars),
-            headers=ex.ticket.headers if ex.ticket is not None else (),
-            path=op.upstream,
-            answer=op.answer,
-            generates=op.generates,
-        )
-        watcher = asyncio.create_task(hangup.watch(r.receive, task))
-        if req.stream:
-            gw.shutdown.streams[hangup] = hangup.cut
-            await relay_stream(gw.balancer, target, req.include_usage, req.running_usage,
-                               req.n, r.send, ex)
-        else:
-            await relay_json(gw.balancer, target, r.send, ex)
+            with trace.span("paragate.limits"):
+                ex.ticket = await gw.limiter.admit(limits, tokens, prompt, route.name)
+        with trace.span("paragate.upstream"):
+            target = Target(
+                fleet=gw.balancer.fleet(route.id, route.name, route.replicas),
+                body=body,
+                requested_model=req.model,
+                upstream_model=route.upstream_model,
+                timeouts=route.timeouts,
+                affinity=None if route.affinity == "none" else affinity_key(
+                    route.affinity, req.affinity_fields(),
+                    gw.settings.affinity_prefix_chars),
+                headers=ex.ticket.headers if ex.ticket is not None else (),
+                path=op.upstream,
+                answer=op.answer,
+                generates=op.generates,
+                upstream_headers=trace.upstream_headers(),
+                gap=gw.telemetry.gap(op.path, route.name) if req.stream else None,
+                keep=keep,
+            )
+            watcher = asyncio.create_task(hangup.watch(r.receive, task))
+            if req.stream:
+                gw.shutdown.streams[hangup] = hangup.cut
+                streams = gw.telemetry.streams
+                streams[op.path] = streams.get(op.path, 0) + 1
+                await relay_stream(gw.balancer, target, req.include_usage,
+                                   req.running_usage, req.n, r.send, ex)
+            else:
+                await relay_json(gw.balancer, target, r.send, ex)
     except asyncio.CancelledError:
         # Our own cancellations end the request quietly: the client left, or the
         # shutdown timeout cut the stream. Any other (uvicorn giving up) propagates.
@@ -162,6 +178,24 @@ async def forward(gw: Gateway, r: Request, op: Operation) -> None:
         if watcher is not None:
             watcher.cancel()
         ex.finish()
+        counts[op.path] -= 1
+        if streams is not None:
+            streams[op.path] -= 1
+        gw.telemetry.forwarded(r, op.path, ex, _payload(raw, ex) if keep else None)
+        if gw.tracing is not None:
+            trace.attributes(**{
+                "paragate.request_id": ex.request_id, "gen_ai.request.model": ex.model,
+                "gen_ai.usage.input_tokens": ex.prompt_tokens,
+                "gen_ai.usage.output_tokens": ex.completion_tokens,
+                "paragate.replica": ex.upstream, "paragate.outcome": ex.outcome})
+
+
+def _payload(raw: bytes, ex: Exchange) -> tuple[str, str]:
+    """What a model with ``log_payloads`` on logs: the request body and the answer as
+    sent (a stream's events), each cut at 64 KiB."""
+    answer = b"".join(ex.answer) if ex.answer else b""
+    return (raw[:65536].decode("utf-8", "replace"),
+            answer[:65536].decode("utf-8", "replace"))
 
 
 async def _end_cut_stream(r: Request, ex: Exchange) -> None:

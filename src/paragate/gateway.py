@@ -13,13 +13,18 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from . import limits
+from . import __version__, limits
 from .background import StoreThread
 from .config import Settings
+from .logs import AccessLog
+from .metrics import SAMPLE_INTERVAL, Metrics
+from .metrics_port import MetricsPort
 from .refresher import Refresher
 from .registry import Registry
 from .shutdown import Shutdown
 from .store import Store
+from .telemetry import Telemetry
+from .tracing import Tracing
 from .upstream import Upstreams
 from .upstream.balancer import Balancer, Fleet
 from .upstream.health import HealthChecker
@@ -58,6 +63,10 @@ class Gateway:
     balancer: Balancer
     health: HealthChecker
     limiter: limits.Limiter
+    metrics: Metrics | None  # None: PARAGATE_METRICS=false
+    telemetry: Telemetry
+    tracing: Tracing | None  # None: PARAGATE_OTLP_ENDPOINT unset
+    metrics_port: MetricsPort | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -90,6 +99,11 @@ class Gateway:
             max_backoff=settings.replica_max_backoff,
             probes=settings.health_interval > 0)
 
+        metrics = Metrics(company_label=settings.metrics_company_label,
+                          version=__version__) if settings.metrics else None
+        if metrics is not None:
+            balancer.timers = metrics.replica_timer
+
         def fleets() -> list[Fleet]:
             """The fleets of the enabled models; those of models gone are dropped."""
             balancer.forget(set(registry.catalog))
@@ -119,7 +133,41 @@ class Gateway:
             health=HealthChecker(balancer, fleets, interval=settings.health_interval,
                                  timeout=settings.health_timeout,
                                  dns_interval=settings.dns_interval),
+            metrics=metrics,
+            telemetry=Telemetry(registry, metrics, AccessLog(settings.log_format)
+                                if settings.access_log else None),
+            tracing=Tracing.build(settings),
         )
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def sample_metrics(self) -> None:
+        """Set the metrics' gauges from the live state (before a scrape, and every
+        second with several workers)."""
+        if self.metrics is None:
+            return
+        replicas = [(fleet.model, replica.url, replica.state == "healthy",
+                     replica.inflight, replica.requests, replica.errors)
+                    for fleet in self.balancer.fleets.values()
+                    for replica in fleet.members]
+        self.metrics.sample(
+            in_flight=self.telemetry.in_flight, streams=self.telemetry.streams,
+            replicas=replicas, journal_depth=self.journal.pending(),
+            write_lag=self.writer.lag(), view_age=self.registry.age(),
+            config_version=self.registry.version,
+            limiter_failures=getattr(self.limiter, "failures", 0))
+
+    def render_metrics(self) -> bytes:
+        assert self.metrics is not None
+        self.sample_metrics()
+        return self.metrics.render()
+
+    async def _sample_metrics(self) -> None:
+        """With several workers a scrape reads every worker's files: keep this one's
+        gauges current there."""
+        while True:
+            self.sample_metrics()
+            await asyncio.sleep(SAMPLE_INTERVAL)
 
     async def start(self) -> None:
         await self.refresh_thread.run(self.store.migrate)
@@ -134,6 +182,14 @@ class Gateway:
             asyncio.create_task(self.touches.run(), name="paragate-last-used"),
         ]
         self._tasks.append(asyncio.create_task(self.health.run(), name="paragate-health"))
+        if self.metrics is not None and self.metrics.directory is not None:
+            self._tasks.append(asyncio.create_task(self._sample_metrics(),
+                                                   name="paragate-metrics"))
+        if self.metrics is not None and self.settings.metrics_port:
+            self.metrics_port = MetricsPort(self.render_metrics)
+            await self.metrics_port.start(self.settings.metrics_host,
+                                          self.settings.metrics_port,
+                                          shared=self.metrics.directory is not None)
         # The background writers (usage, refresh) run Python in threads. The OS hands
         # the core back to the loop at once (see background.py), but the GIL only after
         # the switch interval: the loop waits that long before it may ask for it. With
@@ -150,11 +206,16 @@ class Gateway:
                  "%d enabled models", self.registry.version, len(self.registry.companies),
                  len(self.registry.users), len(self.registry.keys),
                  len(self.registry.routes))
+        log.info("paragate %s configuration (secrets masked)", __version__,
+                 extra={"fields": {"settings": self.settings.shown()}})
 
     async def stop(self) -> None:
         if not self._tasks:
             return
         refresh, usage, touches, *health = self._tasks
+        if self.metrics_port is not None:
+            await self.metrics_port.stop()
+            self.metrics_port = None
         self.health.stop()
         for task in health:
             task.cancel()
@@ -175,6 +236,8 @@ class Gateway:
                         "journal (%s) for the next start", self.journal.pending(),
                         self.journal.directory)
         await self.upstreams.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # its last spans
         await self.usage_thread.run(self.store.close)
         for thread in (self.refresh_thread, self.usage_thread, self.catch_up_thread,
                        self.admin_thread):

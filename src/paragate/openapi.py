@@ -165,12 +165,8 @@ def _op(op_id: str, summary: str, answer: type, *, tag: str, status: str = "200"
     return op
 
 
-_HEALTH = {"type": "object", "required": ["status", "config"], "properties": {
-    "status": {"type": "string", "enum": ["ok", "stale"]},
-    "config": {"type": "object", "properties": {
-        "version": {"type": "integer"}, "age_seconds": {"type": "number"},
-        "store": {"type": "string", "enum": ["ok", "unreachable"]},
-        "max_view_age": {"type": "number", "nullable": True}}}}}
+_HEALTH = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["ok"]}}}
 _ALL = {"name": "all", "in": "query", "description": "true: every configured model, "
         "disabled ones included (system admins only).", "schema": {"type": "boolean"}}
 
@@ -422,25 +418,40 @@ def document() -> dict[str, Any]:
                               errors=("401", "403", "404", "409")),
             },
             **_admin_paths(),
+            "/api/v2/status": {"get": _op(
+                "api_v2_status", "Platform status: each model the key may use and whether "
+                "it can take a request now (system admins also see its replicas' states)",
+                s.Status, tag="Platform Status", errors=("401",))},
             "/ready": {"get": {
-                "summary": "Readiness (public): 503 before the first view of keys and "
-                           "models has loaded and while shutting down", "operationId": "ready",
+                "summary": "Readiness (public), and why: 503 before the first view of keys "
+                           "and models has loaded, while shutting down, and while that "
+                           "view is older than PARAGATE_MAX_VIEW_AGE (requests are "
+                           "refused then)", "operationId": "ready",
                 "responses": {code: {"description": what, "content": {"application/json": {
-                    "schema": {"type": "object", "required": ["status"], "properties": {
-                        "status": {"type": "string",
-                                   "enum": ["ready", "starting", "draining"]}}}}}}
-                    for code, what in (("200", "Send traffic."),
-                                       ("503", "Do not send traffic."))},
+                    "schema": {"$ref": "#/components/schemas/Ready"}}}}
+                    for code, what in (("200", "Send traffic (`ready`)."),
+                                       ("503", "Do not send traffic (`starting`, "
+                                        "`draining`, `stale`)."))},
+            }},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (text exposition format 0.0.4): for an "
+                           "admin's key, or PARAGATE_METRICS_TOKEN as the bearer token "
+                           "(docs/observability.md lists every metric)",
+                "operationId": "metrics",
+                "security": [{"bearerAuth": []}],
+                "responses": {
+                    "200": {"description": "Every metric, all workers added up.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "401": _error_response("No key or token, or a wrong one."),
+                    "403": _error_response("A key that is not a system admin's."),
+                    "404": _error_response("Metrics are off (PARAGATE_METRICS=false)."),
+                },
             }},
             "/health": {"get": {
-                "summary": "Liveness (public), and how current the view of keys and models "
-                           "is", "operationId": "health",
-                "responses": {
-                    "200": {"description": "The gateway is up.", "content": {
-                        "application/json": {"schema": _HEALTH}}},
-                    "503": {"description": "The store has been unreachable for longer "
-                            "than PARAGATE_MAX_VIEW_AGE: requests are refused.", "content": {
-                                "application/json": {"schema": _HEALTH}}}},
+                "summary": "Liveness (public): 200 while the process serves, whatever its "
+                           "store or its models do", "operationId": "health",
+                "responses": {"200": {"description": "The process serves.", "content": {
+                    "application/json": {"schema": _HEALTH}}}},
             }},
         },
         "components": {

@@ -45,6 +45,16 @@ _SSE_HEADERS = [
 ]
 
 
+def _head(base: list[tuple[bytes, bytes]], target: Target, ex: Exchange
+          ) -> list[tuple[bytes, bytes]]:
+    """The answer's headers: ``base``, the limits' (x-ratelimit-*), its request id and
+    the gateway's own time on it so far, in milliseconds (less the upstream's)."""
+    spent = time.monotonic() - ex.started - ex.waited
+    return [*base, *target.headers,
+            (b"x-request-id", (ex.client_request_id or ex.request_id).encode()),
+            (b"x-paragate-overhead-ms", b"%.3f" % (max(spent, 0.0) * 1000))]
+
+
 class _Details(msgspec.Struct):
     cached_tokens: int | None = None
 
@@ -98,6 +108,9 @@ class Target:
     path: str = "completions"  # upstream, under the replica's URL (``Replica.endpoint``)
     answer: Callable[[bytes], bytes] | None = None  # rewrites a JSON answer (tokenize)
     generates: bool = True  # the answer is a generation's (it has system_fingerprint)
+    upstream_headers: bytes = b""  # more request header lines for vLLM (traceparent)
+    gap: Callable[[float], None] | None = None  # hears the time between two sent pieces
+    keep: bool = False  # keep the answer as sent in ``Exchange.answer`` (log_payloads)
 
     def model_rewriter(self) -> tuple[bytes, bytes] | None:
         """(old, new) bytes of the ``model`` member, or None when the names agree.
@@ -164,8 +177,8 @@ async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchang
     waiting = time.monotonic()
     try:
         async with balancer.post(target.fleet, target.body, target.timeouts,
-                                 target.affinity, ex.tried, target.path) as (
-                replica, resp):
+                                 target.affinity, ex.tried, target.path,
+                                 target.upstream_headers) as (replica, resp):
             url = replica.url
             data = await resp.read()
             status = resp.status
@@ -189,9 +202,10 @@ async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchang
     if target.answer is not None:
         data = target.answer(data)
     ex.status, ex.outcome = 200, "ok"
+    if target.keep:
+        ex.answer = [data]
     ex.finish()  # journaled before the answer leaves
-    await start_response(send, 200, [(b"content-type", b"application/json"),
-                                     *target.headers] if target.headers else _JSON_HEADERS)
+    await start_response(send, 200, _head(_JSON_HEADERS, target, ex))
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
@@ -353,8 +367,8 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
     record is journaled before the event that ends the stream is sent."""
     waiting = time.monotonic()
     async with balancer.post(target.fleet, target.body, target.timeouts,
-                             target.affinity, ex.tried, target.path) as (
-            replica, resp):
+                             target.affinity, ex.tried, target.path,
+                             target.upstream_headers) as (replica, resp):
         ex.waited += time.monotonic() - waiting
         events = _Events(target, replica.url, want_usage, want_running, n, ex)
         ex.settle = events.settle
@@ -365,9 +379,11 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
             except GatewayError:
                 data = b""
             raise upstream_rejection(resp.status, data)
-        await start_response(send, 200, [*_SSE_HEADERS, *target.headers]
-                             if target.headers else _SSE_HEADERS)
+        await start_response(send, 200, _head(_SSE_HEADERS, target, ex))
         ex.status = 200
+        gap = target.gap
+        kept = ex.answer = [] if target.keep else None
+        sent = 0.0
         pending = b""
         chunks = resp.iter_chunks().__aiter__()
         try:
@@ -389,8 +405,15 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
                 for event in complete:
                     if event:
                         events.feed(event, out)
-                if out and ex.first_byte is None:
-                    ex.first_byte = time.monotonic()
+                if out:
+                    now = time.monotonic()
+                    if ex.first_byte is None:
+                        ex.first_byte = now
+                    elif gap is not None:
+                        gap(now - sent)
+                    sent = now
+                    if kept is not None and len(kept) < 4096:
+                        kept.extend(out)
                 if events.done:
                     if ex.outcome != "upstream_error":
                         ex.outcome = "ok"

@@ -12,8 +12,12 @@ just those, in slices small enough that the event loop is never held for long. I
 
 Its queries run in a thread of their own, never behind the usage writer's inserts. When
 the store cannot be reached it logs how old its view is (again every 10 s), keeps
-serving from the last view, and ``/health`` says so; past ``PARAGATE_MAX_VIEW_AGE`` the
-registry refuses requests with 503.
+serving from the last view, and ``/ready`` says so; past ``PARAGATE_MAX_VIEW_AGE`` the
+registry refuses requests with 503 (and ``/ready`` answers 503 ``stale``).
+
+Prompts and completions are never logged unless a model's ``log_payloads`` is on; then
+the refresher says so in one warning naming those models, when the first view loads
+and again whenever the set of them changes (not at every refresh).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Refresher:
         self._listener: threading.Thread | None = None
         self._failing_since: float | None = None
         self._reported_at = 0.0
+        self._logging_payloads: tuple[str, ...] = ()  # as last reported
 
     async def load(self) -> None:
         """The whole view, built in the thread and swapped in at once."""
@@ -57,6 +62,7 @@ class Refresher:
         view = await self._thread.run(self._registry.build, changes)
         self._registry.install(view)
         self._registry.fresh_at = time.monotonic()
+        self._report_payload_logging()
 
     async def refresh(self) -> int:
         """Apply what changed since the version held; how many rows that was."""
@@ -77,7 +83,21 @@ class Refresher:
                 await asyncio.sleep(0)  # let requests through between slices
             log.info("applied config version %d (%d changed rows)", registry.version,
                      changes.rows)
+            self._report_payload_logging()
             return changes.rows
+
+    def _report_payload_logging(self) -> None:
+        """Warn when models log their prompts and completions: at the first view, then
+        only when the set of those models changes."""
+        names = self._registry.logging_payloads()
+        if names == self._logging_payloads:
+            return
+        self._logging_payloads = names
+        if names:
+            log.warning("prompts and completions of model(s) %s are written to the log "
+                        "(log_payloads is on)", ", ".join(names))
+        else:
+            log.info("no model's prompts and completions are written to the log any more")
 
     def wake(self) -> None:
         """Refresh now (callable from any thread)."""

@@ -55,6 +55,7 @@ class Route:
     max_n: int = 16
     max_request_tokens: int = 1_000_000
     caps_set: tuple[int | None, ...] = (None, None, None)  # as configured
+    log_payloads: bool = False  # its requests' prompts and completions go to the log
 
     def open_to(self, company_id: int) -> bool:
         return self.company_ids is None or company_id in self.company_ids
@@ -196,6 +197,7 @@ class Registry:
             max_n=m.max_n or self._default_caps[1],
             max_request_tokens=m.max_request_tokens or self._default_caps[2],
             caps_set=(m.max_prompts, m.max_n, m.max_request_tokens),
+            log_payloads=m.log_payloads,
         )
 
     def _timeouts(self, m: ModelRecord) -> Timeouts:
@@ -212,7 +214,7 @@ class Registry:
     def authenticate(self, authorization: bytes | None) -> Principal:
         """The principal of a valid ``Authorization`` header, else 401 (or 503 when the
         view is older than ``PARAGATE_MAX_VIEW_AGE``)."""
-        if self._max_age and time.monotonic() - self.fresh_at > self._max_age:
+        if self._max_age and self.too_old():  # no call at all without a bound
             raise ViewTooOld(
                 "The gateway has lost its connection to the store for longer than "
                 f"{self._max_age:g} s and no longer trusts its view of keys and models.")
@@ -264,6 +266,11 @@ class Registry:
         return [r for _, r in sorted(self.routes.items()) if r.open_to(who.company_id) and (
             who.model_ids is None or r.id in who.model_ids)]
 
+    def logging_payloads(self) -> tuple[str, ...]:
+        """The names of the enabled models whose prompts and completions are written to
+        the log (``log_payloads``), sorted; a disabled model serves nothing to log."""
+        return tuple(sorted(r.name for r in self.routes.values() if r.log_payloads))
+
     def model_names(self, ids: frozenset[int] | tuple[int, ...] | None) -> list[str] | None:
         if ids is None:
             return None
@@ -272,6 +279,17 @@ class Registry:
     def age(self) -> float:
         """Seconds since the store last answered."""
         return time.monotonic() - self.fresh_at
+
+    @property
+    def max_view_age(self) -> float:
+        """``PARAGATE_MAX_VIEW_AGE``: 0 for no bound."""
+        return self._max_age
+
+    def too_old(self) -> bool:
+        """Whether the view is older than ``PARAGATE_MAX_VIEW_AGE`` (when set): every
+        request with a key is then refused (``authenticate``), and ``/ready`` says
+        ``stale``; the one condition for both."""
+        return bool(self._max_age) and time.monotonic() - self.fresh_at > self._max_age
 
     def take_used(self) -> set[int]:
         used, self.used = self.used, set()

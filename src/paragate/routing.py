@@ -35,6 +35,11 @@ class Request:
     principal: Principal | None  # None only on public routes
     path_param: str = ""
     sub_param: str = ""  # a template's second parameter (``{replica}``)
+    request_id: str = ""  # ours: the usage record's id
+    response_id: str = ""  # the answer's ``x-request-id``: the client's own, else ours
+    started: float = 0.0  # monotonic: when it arrived
+    trace: Any = None  # its ``tracing.RequestTrace`` (``NO_TRACE`` when tracing is off)
+    exchange: Any = None  # a forwarded request's ``usage.Exchange``, once it has one
 
     @property
     def caller(self) -> Principal:
@@ -73,6 +78,7 @@ Handler = Callable[["Gateway", Request], Awaitable[None]]
 class Endpoint:
     handler: Handler
     permission: Permission | None  # None: public (``app.PUBLIC_PATHS`` says why)
+    forwards: bool = False  # to a model (``dispatch.forward``: it counts and logs itself)
 
 
 Table = Mapping[str, Mapping[str, Endpoint]]

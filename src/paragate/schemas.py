@@ -28,10 +28,12 @@ __all__ = [
     "ModelList",
     "RateLimits",
     "RateLimitsBody",
+    "Ready",
     "Replica",
     "ReplicaCreate",
     "ReplicaList",
     "ReplicaUpdate",
+    "Status",
     "User",
     "UserList",
 ]
@@ -139,6 +141,7 @@ class ModelCreate(_Body):
     timeouts: ModelTimeouts | None = None
     affinity: Literal["none", "prefix", "user"] = "none"
     rate_limits: RateLimitsBody | None = None  # for all its callers together
+    log_payloads: bool = False  # write its prompts and completions to the log
 
 
 class ModelUpdate(_Body):
@@ -154,6 +157,7 @@ class ModelUpdate(_Body):
     timeouts: ModelTimeouts | UnsetType = UNSET
     affinity: Literal["none", "prefix", "user"] | UnsetType = UNSET
     rate_limits: RateLimitsBody | UnsetType | None = UNSET
+    log_payloads: bool | UnsetType = UNSET
 
 
 class ReplicaCreate(_Body):
@@ -277,6 +281,7 @@ class Model(msgspec.Struct, tag="model", tag_field="object"):
     timeouts: Timeouts | UnsetType = UNSET
     affinity: str | UnsetType = UNSET
     rate_limits: RateLimits | UnsetType = UNSET
+    log_payloads: bool | UnsetType = UNSET  # its prompts and completions go to the log
 
 
 class Actor(msgspec.Struct):
@@ -399,6 +404,45 @@ ModelList = _list_of(Model, "ModelList")
 ReplicaList = _list_of(Replica, "ReplicaList")
 AuditEntryList = _list_of(AuditEntry, "AuditEntryList")
 
+
+class ReplicaCounts(msgspec.Struct):
+    """How many of a model's replicas are in each state, as this gateway process sees
+    them (each address of a discovered replica counts as one)."""
+
+    total: int
+    healthy: int
+    ejected: int
+    draining: int
+
+
+class ModelStatus(msgspec.Struct):
+    id: str
+    type: str
+    available: bool  # one of its replicas at least takes requests and is healthy now
+    replicas: ReplicaCounts | UnsetType = UNSET  # system admins only
+
+
+class Status(msgspec.Struct, tag="status", tag_field="object"):
+    """Paradigm's platform status, for the caller's key: the models it may use."""
+
+    status: Literal["ok", "degraded"]  # degraded: one of them at least is unavailable
+    models: list[ModelStatus]
+
+
+class ViewState(msgspec.Struct):
+    version: int  # the config version the view of keys and models holds
+    age_seconds: float  # since the store last answered this process
+    max_view_age: float | None  # PARAGATE_MAX_VIEW_AGE; null: no bound
+
+
+class Ready(msgspec.Struct):
+    """Whether to send this process traffic, and why."""
+
+    status: Literal["ready", "starting", "draining", "stale"]
+    reason: str
+    store: Literal["ok", "unreachable"]
+    view: ViewState
+
 class UsageRow(msgspec.Struct, omit_defaults=True):
     """One bucket of one group; the grouped fields are present only when grouped by."""
 
@@ -430,4 +474,4 @@ REQUESTS: tuple[type, ...] = (RateLimitsBody, CompanyCreate, CompanyUpdate, User
                               ReplicaCreate, ReplicaUpdate)
 RESPONSES: tuple[type, ...] = (Company, CompanyList, User, UserList, ApiKey, ApiKeyList,
                                Model, ModelList, Replica, ReplicaList, AuditEntry,
-                               AuditEntryList, Me, Deleted, UsageReport)
+                               AuditEntryList, Me, Deleted, UsageReport, Status, Ready)

@@ -19,9 +19,10 @@ from .registry import Route
 from .store import AuditRecord, CompanyRecord, ReplicaRecord, UserRecord
 
 if TYPE_CHECKING:
-    from .upstream.balancer import Replica
+    from .upstream.balancer import Fleet, Replica
 
-__all__ = ["audit", "company", "key", "listing", "model", "rate_limits", "user"]
+__all__ = ["audit", "company", "key", "listing", "model", "model_status", "rate_limits",
+           "readiness", "status", "user"]
 
 
 def _t(value: datetime | None) -> int | None:
@@ -87,7 +88,34 @@ def model(route: Route, config: bool) -> s.Model:
         out.rate_limits = rate_limits(route.limits_set)
         out.timeouts = s.Timeouts(*route.timeouts_set)
         out.affinity = route.affinity
+        out.log_payloads = route.log_payloads
     return out
+
+
+def model_status(route: Route, fleet: Fleet, counts: bool) -> s.ModelStatus:
+    """Whether a model can take a request now: one of its replicas at least takes
+    traffic and is healthy (``Replica.state``); with ``counts`` (system admins only) how
+    many replicas are in each state."""
+    states = [r.state for r in fleet.members]
+    out = s.ModelStatus(id=route.name, type=route.type, available="healthy" in states)
+    if counts:
+        out.replicas = s.ReplicaCounts(
+            total=len(states), healthy=states.count("healthy"),
+            ejected=states.count("ejected"), draining=states.count("draining"))
+    return out
+
+
+def readiness(state: str, reason: str, *, unreachable: bool, version: int, age: float,
+              max_view_age: float) -> s.Ready:
+    return s.Ready(status=state, reason=reason,  # type: ignore[arg-type]
+                   store="unreachable" if unreachable else "ok",
+                   view=s.ViewState(version=version, age_seconds=round(age, 3),
+                                    max_view_age=max_view_age or None))
+
+
+def status(models: list[s.ModelStatus]) -> s.Status:
+    return s.Status(status="ok" if all(m.available for m in models) else "degraded",
+                    models=models)
 
 
 def _queue(live: Replica | None) -> s.Queue:

@@ -35,7 +35,7 @@ MAX_TIMEOUT = 86400.0
 FIELDS = ("display_name", "type", "upstream_url", "upstream_model", "upstream_api_key",
           "enabled", "company_ids", "max_logprobs", "default_max_tokens", "max_tokens_limit",
           *TIMEOUTS, "affinity", "rate_limits", "max_prompts", "max_n",
-          "max_request_tokens")
+          "max_request_tokens", "log_payloads")
 _SECRET = "upstream_api_key"
 MASK = "<secret>"
 
@@ -64,6 +64,9 @@ def _check(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
         check_choice(values["type"], "type", TYPES)
     if "affinity" in values:
         check_choice(values["affinity"], "affinity", AFFINITIES)
+    if "log_payloads" in values and not isinstance(values["log_payloads"], bool):
+        raise InvalidRequest("'log_payloads' must be true or false.", param="log_payloads",
+                             code="invalid_type")
     if "upstream_url" in values:
         check_url(values["upstream_url"])
     if "upstream_model" in values:
@@ -115,8 +118,9 @@ def create(store: Store, actor: Actor, name: str, **values: Any) -> ModelRecord:
     with store.change(actor.audit_columns()) as ch:
         values = _check(ch.conn, values)
         _unique(ch.conn, name)
+        # log_payloads is written even when off: its audit row says so explicitly
         row = {"display_name": name, "type": "llm", "upstream_model": name, "enabled": True,
-               "company_ids": None, **values, "name": name}
+               "company_ids": None, "log_payloads": False, **values, "name": name}
         model_id = ch.conn.execute(insert(models).values(
             **row, version=ch.version, created_at=ch.at, updated_at=ch.at
         ).returning(models.c.id)).scalar_one()
@@ -133,7 +137,7 @@ def update(store: Store, actor: Actor, name: str, /, **changes: Any) -> ModelRec
     with store.change(actor.audit_columns()) as ch:
         before = live_model(ch.conn, name)
         for required in ("name", "upstream_url", "upstream_model", "type", "enabled",
-                         "affinity"):
+                         "affinity", "log_payloads"):
             if required in changes and changes[required] is None:
                 raise InvalidRequest(f"'{required}' cannot be unset.", param=required)
         if "rate_limits" in changes:  # the kinds given replace the current ones

@@ -92,6 +92,7 @@ class ModelRecord:
     max_prompts: int | None = None  # None: the gateway's default
     max_n: int | None = None
     max_request_tokens: int | None = None
+    log_payloads: bool = False  # prompts and completions go to the log
     id: int = 0
     version: int = 0
     created_at: datetime | None = None

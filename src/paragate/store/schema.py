@@ -181,6 +181,9 @@ models = Table(
     Column("max_prompts", Integer, nullable=True),
     Column("max_n", Integer, nullable=True),
     Column("max_request_tokens", Integer, nullable=True),
+    # prompts and completions of its requests are written to the gateway's log (off:
+    # never); a gateway warns at start-up and on every change of the models that do
+    Column("log_payloads", Boolean, nullable=False, server_default=false()),
     Column("version", BigInteger, nullable=False, index=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),

@@ -99,7 +99,7 @@ class Replica:
     __slots__ = ("_urls", "address", "api_key", "backoff", "base_url", "ejected",
                  "errors", "fails", "id", "inflight", "last_error",
                  "latency_ms", "others", "probe_at", "record", "requests", "running",
-                 "salt", "takes_traffic", "url", "waiting", "weight")
+                 "salt", "takes_traffic", "timer", "url", "waiting", "weight")
 
     def __init__(self, record: ReplicaRecord, address: str | None = None) -> None:
         self.address = address  # a discovered replica: one address its name resolved to
@@ -129,6 +129,7 @@ class Replica:
         self.url = url
         self.base_url = base
         self._urls: dict[str, str] = {}
+        self.timer: Callable[[float], None] | None = None  # its response-time histogram
         self.api_key = record.upstream_api_key
         self.weight = max(record.weight, 1)
         self.takes_traffic = record.enabled and not record.draining
@@ -247,6 +248,8 @@ class Balancer:
         # (the next request is the probe); with one, only a good health check does
         self.probes = probes
         self.rng = random.Random()
+        # (model, replica URL) -> what hears each try's time to the answer's headers
+        self.timers: Callable[[str, str], Callable[[float], None]] | None = None
         self.fleets: dict[int, Fleet] = {}
         self._replicas: dict[int, Replica] = {}  # every static replica, by id
         # discovered replicas: what each one's name resolved to, and a member per address
@@ -365,14 +368,16 @@ class Balancer:
     @asynccontextmanager
     async def post(self, fleet: Fleet, body: bytes, timeouts: Timeouts | None = None,
                    key: int | None = None, chosen: Callable[[str], None] | None = None,
-                   path: str = "completions") -> AsyncIterator[tuple[Replica, Response]]:
+                   path: str = "completions", headers: bytes = b""
+                   ) -> AsyncIterator[tuple[Replica, Response]]:
         """POST ``body`` to ``path`` (``Replica.endpoint``) of a replica of ``fleet``
         (trying others where safe) and yield
         (the replica, its answer, headers read). The replica's counts and health follow
         from how the block ends. ``timeouts``: the model's (its total counts from here,
         across tries); ``key``: the request's affinity key, if its model has one;
         ``chosen`` hears each replica's URL as it is tried (the usage record's
-        upstream, also when the try fails before an answer)."""
+        upstream, also when the try fails before an answer); ``headers``: more request
+        header lines (``pool.Upstreams.post``)."""
         if not self.probes:
             self.readmit_due()
         tried: list[Replica] = []
@@ -391,8 +396,15 @@ class Balancer:
             yielded = False
             try:
                 async with self.upstreams.post(replica.endpoint(path), body,
-                                               replica.api_key, timeouts, until) as resp:
-                    took = (time.monotonic() - started) * 1000
+                                               replica.api_key, timeouts, until,
+                                               headers) as resp:
+                    took = time.monotonic() - started
+                    timer = replica.timer
+                    if timer is None and self.timers is not None:
+                        timer = replica.timer = self.timers(fleet.model, replica.url)
+                    if timer is not None:
+                        timer(took)
+                    took *= 1000
                     replica.latency_ms = took if replica.latency_ms is None else (
                         replica.latency_ms * 0.8 + took * 0.2)
                     if resp.status in _BUSY and self._can_retry(fleet, tried, first):

@@ -341,15 +341,17 @@ class Upstreams:
 
     @asynccontextmanager
     async def post(self, url: str, body: bytes, api_key: str | None,
-                   timeouts: Timeouts | None = None, deadline: float | None = None
-                   ) -> AsyncIterator[Response]:
+                   timeouts: Timeouts | None = None, deadline: float | None = None,
+                   headers: bytes = b"") -> AsyncIterator[Response]:
         """POST ``body`` to ``url``. Leaving the block returns the connection to the pool
         if its answer was read to the end, else closes it, which is how vLLM learns that
         a client went away (it then aborts the generation). ``deadline`` (loop time)
-        bounds the whole answer: a model's total timeout."""
+        bounds the whole answer: a model's total timeout. ``headers``: more header
+        lines, each ending in CRLF (``traceparent``)."""
         target = self._targets.get((url, api_key)) or self._target(url, api_key)
         key, origin, head_start, head_end = target
-        head = b"%s%d%s" % (head_start, len(body), head_end)
+        head = (b"%s%d%s" % (head_start, len(body), head_end) if not headers else
+                b"%s%d\r\n%s%s" % (head_start, len(body), headers, head_end[2:]))
         limit = self._limits.get(key)
         if limit is None and self._max:
             limit = self._limits[key] = asyncio.Semaphore(self._max)

@@ -53,6 +53,7 @@ class Exchange:
     # a stream's relay: puts the usage known so far in, when the stream ends early
     settle: Callable[[], None] | None = None
     ticket: Ticket | None = None  # its reservation against the limits that apply
+    answer: list[bytes] | None = None  # the answer as sent, kept for a model's log_payloads
     done: bool = False
 
     def tried(self, upstream: str) -> None:

@@ -229,5 +229,11 @@ class UsageWriter:
         if deleted:
             log.info("pruned %d usage records older than %d days", deleted, self._retention)
 
+    def lag(self) -> float:
+        """Seconds since the journal was last seen empty; 0 while it is."""
+        if self.journal.pending() == 0:
+            return 0.0
+        return time.monotonic() - self._last_empty
+
     def stop(self) -> None:
         self._stopping.set()
