@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,11 +28,12 @@ from paragate.control import Actor
 from paragate.control.users import DEFAULT_USER, SYSTEM_ADMIN
 from paragate.gateway import Gateway
 from paragate.limits.resp import RedisClient
+from paragate.logs import AccessLog, JsonFormatter
 from paragate.store import Store, UsageRecord
 from paragate.store.schema import api_keys
 
+from . import logcapture
 from .fake_vllm import FakeVLLM
-from .servers import LOGS
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "PARAGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -41,34 +42,78 @@ FAKE_BEHAVIOURS = ("slow", "hang", "drop", "error-event", "status-400", "status-
                    "status-500", "status-503", "garbage", "unauthorized", "gated")
 
 
-_KEY = re.compile(r"pg-[0-9a-f]{12}-[A-Za-z0-9_-]{20,}")
+_real_run = subprocess.run
+_access_fd: list[int] = []  # the in-process gateways' copy of their access lines
 
 
-class _Everything(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
+def _is_paragate(command: object) -> bool:
+    if not isinstance(command, list | tuple):
+        return False
+    words = [str(word) for word in command[:3]]
+    return words[1:3] == ["-m", "paragate"] or (bool(words) and Path(words[0]).name == "paragate")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+
+def _keep_stderr(command: object, stderr: object) -> None:
+    if stderr and _is_paragate(command):
+        text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else str(stderr)
+        logcapture.append("cli.log", f"# stderr of a paragate command\n{text}")
+
+
+def _run_keeping_stderr(*args: Any, **kwargs: Any) -> Any:
+    """``subprocess.run``, keeping what a ``paragate`` command wrote to a captured stderr
+    in the run's logs (its command line is left out: tests pass secrets on it)."""
+    command = args[0] if args else kwargs.get("args")
+    try:
+        result = _real_run(*args, **kwargs)
+    except subprocess.SubprocessError as exc:
+        _keep_stderr(command, getattr(exc, "stderr", None))
+        raise
+    _keep_stderr(command, result.stderr)
+    return result
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_key_in_any_log() -> Iterator[None]:
-    """After the whole run: nothing shaped like an API key in any line paragate logged
-    in-process (debug level included), nor in any gateway process's log."""
-    handler = _Everything()
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory,
+                         request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every log line of the run lands in one directory (tests/logcapture.py): the
+    in-process gateways' records (debug level) and access lines, every gateway
+    process's log (tests/servers.py), every paragate command's stderr, what tests wrote
+    to stdout and stderr and every ``*.log`` under the temporary directories. At the end
+    none may hold a key, an upstream API key or a canary (tests/test_log_leaks.py)."""
+    directory = logcapture.session_dir()
+    handler = logging.FileHandler(directory / "in-process.log", encoding="utf-8")
+    handler.setFormatter(JsonFormatter())
     ours = logging.getLogger("paragate")
     ours.addHandler(handler)
     previous = ours.level
     ours.setLevel(logging.DEBUG)  # debug lines too
-    yield
+    _access_fd.append(os.open(directory / "in-process-access.log",
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "run", _run_keeping_stderr)
+        yield
     ours.removeHandler(handler)
     ours.setLevel(previous)
-    found = [line for line in handler.lines if _KEY.search(line)]
-    found += [f"{log}: {line}" for log in LOGS if log.exists()
-              for line in log.read_text(errors="replace").splitlines() if _KEY.search(line)]
-    assert not found, f"API keys in the logs: {found[:3]}"
+    handler.close()
+    os.close(_access_fd.pop())
+    logcapture.sweep(tmp_path_factory.getbasetemp())
+    leaks = logcapture.scan(directory)
+    logcapture.close()
+    if leaks:
+        pytest.fail(f"{logcapture.report(leaks)}\n(every log of this run: {directory})",
+                    pytrace=False)
+    root, owned = logcapture.root_dir()
+    if owned and not request.session.testsfailed:  # kept to look into a failure
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """What each test wrote to stdout and stderr (pytest's capture) goes to the logs."""
+    for name, output in report.sections:
+        if name.startswith("Captured std") and name.endswith(f" {report.when}"):
+            # the test's name without its parameters (they may be secrets)
+            logcapture.append("captured-output.log",
+                              f"# {name} of {report.nodeid.split('[')[0]}\n{output}")
 
 
 @pytest.fixture(scope="session")
@@ -261,9 +306,27 @@ TEST_SETTINGS = Settings(refresh_interval=0.05, usage_flush_interval=0.05,
 
 
 def build_gateway(store: Store, tmp_path: Path, **settings: Any) -> Gateway:
-    """A gateway on ``store`` with the test settings, its usage journal in ``tmp_path``."""
-    return Gateway.build(TEST_SETTINGS.replace(
+    """A gateway on ``store`` with the test settings, its usage journal in ``tmp_path``
+    (its access lines copied to the run's logs)."""
+    gw = Gateway.build(TEST_SETTINGS.replace(
         database_url=str(store.url), journal_dir=str(tmp_path / "journal"), **settings), store)
+    if gw.telemetry.access is not None and _access_fd:
+        gw.telemetry.access = _CopiedAccessLog(gw.settings.log_format, _access_fd[0])
+    return gw
+
+
+class _CopiedAccessLog(AccessLog):
+    """The access log, on stderr as ever, and a copy of each line in the run's logs."""
+
+    __slots__ = ("_copy",)
+
+    def __init__(self, fmt: str, copy_fd: int) -> None:
+        super().__init__(fmt)
+        self._copy = AccessLog(fmt, copy_fd)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        super().write(fields)
+        self._copy.write(fields)
 
 
 @pytest.fixture

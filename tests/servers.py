@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from . import logcapture
+
 __all__ = ["GatewayProcess", "TcpProxy", "free_port", "start_gateway"]
 
 
@@ -49,12 +51,14 @@ class GatewayProcess:
 
 
 def start_gateway(log_dir: Path, database_url: str, **settings: str) -> GatewayProcess:
+    """``paragate serve`` on a free port, its journal in ``log_dir``, its stdout and
+    stderr in the run's logs (``GatewayProcess.log``, tests/logcapture.py)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARAGATE_")}
     env.update({"PARAGATE_DATABASE_URL": database_url, "PARAGATE_REFRESH_INTERVAL": "0.2",
                 "PARAGATE_USAGE_FLUSH_INTERVAL": "0.1", "PARAGATE_SHUTDOWN_DELAY": "0",
                 "PARAGATE_JOURNAL_DIR": str(log_dir / f"journal-{port}"), **settings})
-    log = log_dir / f"gateway-{port}.log"
+    log = logcapture.new_log(f"gateway-{port}")  # with the run's other logs, scanned
     LOGS.append(log)
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(

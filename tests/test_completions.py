@@ -257,6 +257,14 @@ async def test_malformed_json(client: httpx.AsyncClient, keys: Keys) -> None:
     assert_envelope(r, 400, "invalid_json")
 
 
+async def test_a_string_that_is_not_utf8_is_a_400(client: httpx.AsyncClient,
+                                                  keys: Keys) -> None:
+    """It was a 500 and a traceback in the log (msgspec raises UnicodeDecodeError)."""
+    r = await client.post(URL, content=b'{"model": "alfred-4.2", "prompt": "x\xff\xfe"}',
+                          headers={**auth(keys.full), "content-type": "application/json"})
+    assert_envelope(r, 400, "invalid_json")
+
+
 async def test_unsupported_media_type(client: httpx.AsyncClient, keys: Keys) -> None:
     r = await client.post(URL, content=b"hi", headers={**auth(keys.full),
                                                        "content-type": "text/plain"})

@@ -192,6 +192,11 @@ INVALID = [
         "invalid_json", None, "chat-broken-json"),
     bad(CHAT, Raw("application/json", b"[1, 2]"), "invalid_json", None,
         "chat-json-not-object"),
+    # a string that is not UTF-8 was a 500 (msgspec raises UnicodeDecodeError there)
+    bad(CHAT, Raw("application/json", b'{"model": "alfred-4.2", "messages": "x\xff\xfe"}'),
+        "invalid_json", None, "chat-json-not-utf8"),
+    bad(EMBEDDINGS, Raw("application/json", b'{"model": "embedder", "input": "\xff"}'),
+        "invalid_json", None, "embeddings-json-not-utf8"),
     bad(CHAT, Raw("text/plain", b"Hi"), "unsupported_media_type", None,
         "chat-unsupported-content-type", 415),
     bad(CHAT, Raw("application/x-www-form-urlencoded", b"model=alfred-4.2&messages=Hi"),

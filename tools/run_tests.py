@@ -6,6 +6,11 @@ vLLM's CPU build into its own cached venv on first use), then the benchmark in i
 mode (every step for about a second, no thresholds: it only proves the benchmark still
 runs), and bench/control_plane.py's and bench/usage.py's smoke modes likewise. `--fast`
 skips the real-vLLM tier and the benchmarks.
+
+Every log line the pytest tiers produce lands in one directory, ``PARAGATE_TEST_LOG_DIR``
+(tests/logcapture.py); after them, the tier "logs" scans it all and fails on any key
+secret, upstream API key or canary prompt found there. The directory is removed when
+every tier passed, and kept (its path printed) otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fast", action="store_true", help="skip the real-vLLM tier")
     args = parser.parse_args()
+    logs = tempfile.mkdtemp(prefix="paragate-test-logs-")
     tiers: list[tuple[str, list[str]]] = [
         ("lint: ruff", [str(BIN / "ruff"), "check", "."]),
         ("lint: mypy --strict src/", [str(BIN / "mypy")]),
@@ -48,6 +55,9 @@ def main() -> int:
     if not args.fast:
         tiers.append(("tests: end to end against real vLLM",
                       [sys.executable, "-m", "pytest", "-q", "-m", "e2e"]))
+    tiers.append(("logs: no key, upstream API key or prompt in any log line of the tests",
+                  [sys.executable, "-m", "tests.logcapture", logs]))
+    if not args.fast:
         if _have_wrk():
             tiers.append(("benchmark: smoke run (bench/run.py --smoke)",
                           [sys.executable, "bench/run.py", "--smoke"]))
@@ -62,7 +72,8 @@ def main() -> int:
     for name, command in tiers:
         print(f"\n== {name}", flush=True)
         started = time.monotonic()
-        code = subprocess.call(command, cwd=ROOT)
+        env = {**os.environ, "PARAGATE_TEST_LOG_DIR": logs} if "pytest" in command else None
+        code = subprocess.call(command, cwd=ROOT, env=env)
         timings.append((name, time.monotonic() - started, code))
         if code != 0:
             failed.append(name)
@@ -72,6 +83,10 @@ def main() -> int:
     if failed:
         print(f"failed: {', '.join(failed)}")
     print(f"tiers: {len(timings) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        print(f"every log line of the tests: {logs}")
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
     return 1 if failed else 0
 
 

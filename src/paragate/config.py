@@ -328,6 +328,7 @@ NON_SETTING_VARIABLES = frozenset(
         "PARAGATE_VLLM_VENV",  # tools/localvllm.py
         "PARAGATE_VLLM_PACKAGE",  # tools/localvllm.py
         "PARAGATE_TEST_POSTGRES_URL",  # tests
+        "PARAGATE_TEST_LOG_DIR",  # tests: where the run's logs go (tools/run_tests.py)
         "PARAGATE_KEY",  # bench/completion.lua (wrk): the key it sends
     }
 )

@@ -195,6 +195,9 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+    except UnicodeDecodeError:  # msgspec checks strings' UTF-8 with the codec
+        raise InvalidRequest("The body is not valid JSON: a string is not valid UTF-8.",
+                             code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
     return body
