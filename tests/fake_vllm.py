@@ -22,7 +22,10 @@ moves ``system_fingerprint`` from each choice's last chunk to it), ``continuous_
 with it adds running usage to every chunk; ``n`` choices are interleaved.
 
 Every request body is kept in ``FakeVLLM.requests`` (its path in ``FakeVLLM.paths``);
-``FakeVLLM.closed_early`` counts streams whose client went away before the end.
+``FakeVLLM.closed_early`` counts streams whose client went away before the end. With
+``FakeVLLM(record_headers=True)``, ``FakeVLLM.headers`` keeps each request's headers too
+(case-insensitive multidicts: ``getall`` sees a header sent twice), in the order of
+``requests``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 __all__ = ["FINGERPRINT", "FakeVLLM"]
 
@@ -44,9 +48,12 @@ def _dumps(obj: Any) -> bytes:
 
 
 class FakeVLLM:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
+                 record_headers: bool = False) -> None:
         self.host = host
         self.requests: list[dict[str, Any]] = []
+        self.record_headers = record_headers
+        self.headers: list[CIMultiDict[str]] = []  # with record_headers, one per request
         self.paths: list[str] = []
         self.closed_early = 0
         self.connections = 0
@@ -109,6 +116,8 @@ class FakeVLLM:
         body = await request.json()
         self.requests.append(body)
         self.paths.append(request.path)
+        if self.record_headers:
+            self.headers.append(request.headers.copy())
         model = body["model"]
         if model.startswith("status-"):
             status = int(model.removeprefix("status-"))

@@ -103,6 +103,7 @@ class Gateway:
                           version=__version__) if settings.metrics else None
         if metrics is not None:
             balancer.timers = metrics.replica_timer
+            balancer.counters = metrics.replica_counters
 
         def fleets() -> list[Fleet]:
             """The fleets of the enabled models; those of models gone are dropped."""
@@ -146,10 +147,12 @@ class Gateway:
         second with several workers)."""
         if self.metrics is None:
             return
-        replicas = [(fleet.model, replica.url, replica.state == "healthy",
-                     replica.inflight, replica.requests, replica.errors)
-                    for fleet in self.balancer.fleets.values()
-                    for replica in fleet.members]
+        # the enabled models' fleets as configured now (a drained replica, a disabled
+        # model's replicas: not up, or gone)
+        replicas = [(route.name, replica.url, replica.state == "healthy", replica.inflight)
+                    for route in self.registry.routes.values()
+                    for replica in self.balancer.fleet(route.id, route.name,
+                                                       route.replicas).members]
         self.metrics.sample(
             in_flight=self.telemetry.in_flight, streams=self.telemetry.streams,
             replicas=replicas, journal_depth=self.journal.pending(),

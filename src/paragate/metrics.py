@@ -204,7 +204,6 @@ class Metrics:
         self._token_children: dict[tuple[str, ...], tuple[Callable[[float], None],
                                                           Callable[[float], None]]] = {}
         self._replicas: dict[tuple[str, str], Callable[[float], None]] = {}
-        self._replica_seen: dict[tuple[str, str], tuple[int, int]] = {}
         self._gauged: set[tuple[Gauge, tuple[str, ...]]] = set()
         self._limiter_seen = 0
         self._sampled_at = 0.0
@@ -241,6 +240,12 @@ class Metrics:
     def rejected(self, kind: str) -> None:
         self._rejections.labels(kind).inc()
 
+    def replica_counters(self, model: str, replica: str
+                         ) -> tuple[Callable[[float], None], Callable[[float], None]]:
+        """The ``inc`` of a replica's tries and of its failures."""
+        return (_incrementer(self._replica_requests.labels(model, replica)),
+                _incrementer(self._replica_errors.labels(model, replica)))
+
     def replica_timer(self, model: str, replica: str) -> Callable[[float], None]:
         """The ``observe`` of a replica's response-time histogram."""
         observe = self._replicas.get((model, replica))
@@ -254,11 +259,11 @@ class Metrics:
     # -- the gauges ---------------------------------------------------------------------
 
     def sample(self, *, in_flight: dict[str, int], streams: dict[str, int],
-               replicas: Iterable[tuple[str, str, bool, int, int, int]],
+               replicas: Iterable[tuple[str, str, bool, int]],
                journal_depth: int, write_lag: float, view_age: float,
                config_version: int, limiter_failures: int) -> None:
-        """Set every gauge (and the counters kept elsewhere) from the live state.
-        ``replicas``: (model, url, up, in flight, requests sent, errors) each."""
+        """Set every gauge (and the limiter's failure counter, kept there) from the
+        live state. ``replicas``: (model, url, up, in flight) each."""
         self._sampled_at = time.monotonic()
         seen: set[tuple[Gauge, tuple[str, ...]]] = set()
 
@@ -270,23 +275,12 @@ class Metrics:
             put(self._in_flight, (endpoint,), n)
         for endpoint, n in streams.items():
             put(self._streams, (endpoint,), n)
-        for model, url, up, inflight, requests, errors in replicas:
+        for model, url, up, inflight in replicas:
             labels = (model, url)
             put(self._replica_up, labels, 1 if up else 0)
             put(self._replica_in_flight, labels, inflight)
-            old_requests, old_errors = self._replica_seen.get(labels, (0, 0))
-            # a replica made anew (its model re-added) starts from 0 again
-            if requests >= old_requests and errors >= old_errors:
-                if requests > old_requests:
-                    self._replica_requests.labels(*labels).inc(requests - old_requests)
-                if errors > old_errors:
-                    self._replica_errors.labels(*labels).inc(errors - old_errors)
-            else:
-                self._replica_requests.labels(*labels).inc(requests)
-                self._replica_errors.labels(*labels).inc(errors)
             self._replica_requests.labels(*labels)  # present from the start, at 0
             self._replica_errors.labels(*labels)
-            self._replica_seen[labels] = (requests, errors)
         put(self._journal_depth, (), journal_depth)
         put(self._write_lag, (), write_lag)
         put(self._view_age, (), view_age)

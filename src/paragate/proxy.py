@@ -182,16 +182,20 @@ async def relay_json(balancer: Balancer, target: Target, send: Send, ex: Exchang
             url = replica.url
             data = await resp.read()
             status = resp.status
+            answer = None
+            if status == 200:
+                try:
+                    answer = msgspec.json.decode(data, type=_Answer)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    resp.failure = "sent a malformed answer"  # counted against it
     finally:
         ex.waited += time.monotonic() - waiting
     if status != 200:
         ex.outcome = "upstream_error"
         raise upstream_rejection(status, data)
-    try:
-        answer = msgspec.json.decode(data, type=_Answer)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    if answer is None:
         ex.outcome = "upstream_error"
-        raise UpstreamFailed("The model server sent a malformed response.") from exc
+        raise UpstreamFailed("The model server sent a malformed response.")
     _take_usage(ex, answer.usage)
     if target.generates and (answer.system_fingerprint is not None
                              or url not in _FINGERPRINTS):
@@ -431,6 +435,7 @@ async def relay_stream(balancer: Balancer, target: Target, want_usage: bool,
         except GatewayError as failure:
             log.warning("stream from %s failed after it started: %s", replica.url,
                         failure.message)
+            resp.failure = failure.message  # counted against the replica
             ex.outcome = "upstream_error"
             ex.error_type = failure.code
             events.settle()

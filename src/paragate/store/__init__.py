@@ -27,6 +27,8 @@ from sqlalchemy import (
     Connection,
     Engine,
     RowMapping,
+    String,
+    cast,
     create_engine,
     event,
     insert,
@@ -234,7 +236,10 @@ class Store:
         """Whether any live key, user, company or model has a rate limit set."""
         with self.engine.connect() as conn:
             for table in (api_keys, users, companies, models):
-                query = select(table.c.id).where(table.c.rate_limits.is_not(None))
+                # a JSON null or {} is no limit (an unset column may hold either)
+                query = select(table.c.id).where(
+                    table.c.rate_limits.is_not(None),
+                    cast(table.c.rate_limits, String).not_in(("null", "{}")))
                 if "deleted_at" in table.c:
                     query = query.where(table.c.deleted_at.is_(None))
                 if table is api_keys:

@@ -96,13 +96,14 @@ def _mix(x: int) -> int:
 class Replica:
     """One replica's configuration and its live state in this process."""
 
-    __slots__ = ("_urls", "address", "api_key", "backoff", "base_url", "ejected",
-                 "errors", "fails", "id", "inflight", "last_error",
-                 "latency_ms", "others", "probe_at", "record", "requests", "running",
-                 "salt", "takes_traffic", "timer", "url", "waiting", "weight")
+    __slots__ = ("_urls", "address", "api_key", "backoff", "base_url", "counted", "ejected",
+                 "errors", "fails", "id", "inflight", "last_error", "latency_ms", "model",
+                 "others", "probe_at", "record", "requests", "running", "salt",
+                 "takes_traffic", "timer", "url", "waiting", "weight")
 
     def __init__(self, record: ReplicaRecord, address: str | None = None) -> None:
         self.address = address  # a discovered replica: one address its name resolved to
+        self.model = ""  # its model's name (set by the fleet it is in)
         self.inflight = 0
         self.others = 0  # requests vLLM had beyond ours at the last /metrics read
         self.running: int | None = None
@@ -130,6 +131,8 @@ class Replica:
         self.base_url = base
         self._urls: dict[str, str] = {}
         self.timer: Callable[[float], None] | None = None  # its response-time histogram
+        # its request and error counters (``Balancer.counters``), once it has a model
+        self.counted: tuple[Callable[[float], None], Callable[[float], None]] | None = None
         self.api_key = record.upstream_api_key
         self.weight = max(record.weight, 1)
         self.takes_traffic = record.enabled and not record.draining
@@ -248,8 +251,11 @@ class Balancer:
         # (the next request is the probe); with one, only a good health check does
         self.probes = probes
         self.rng = random.Random()
-        # (model, replica URL) -> what hears each try's time to the answer's headers
+        # (model, replica URL) -> what hears each try's time to the answer's headers,
+        # and the counters of its tries and failures (metrics.py)
         self.timers: Callable[[str, str], Callable[[float], None]] | None = None
+        self.counters: Callable[[str, str], tuple[Callable[[float], None],
+                                                  Callable[[float], None]]] | None = None
         self.fleets: dict[int, Fleet] = {}
         self._replicas: dict[int, Replica] = {}  # every static replica, by id
         # discovered replicas: what each one's name resolved to, and a member per address
@@ -278,6 +284,8 @@ class Balancer:
             elif replica.record is not record:
                 replica.configure(record)
             members.append(replica)
+        for replica in members:
+            replica.model = model
         fleet = self.fleets[model_id] = Fleet(model, replicas, members)
         fleet.generation = self._generation
         return fleet
@@ -338,8 +346,17 @@ class Balancer:
             replica.ejected = False
             replica.backoff = 0.0
 
+    def _count(self, replica: Replica, error: bool) -> None:
+        counted = replica.counted
+        if counted is None:
+            if self.counters is None:
+                return
+            counted = replica.counted = self.counters(replica.model, replica.url)
+        counted[error](1)
+
     def failed(self, replica: Replica, why: str) -> None:
         replica.errors += 1
+        self._count(replica, True)
         replica.fails += 1
         replica.last_error = why
         if replica.fails < self.eject_after:
@@ -391,6 +408,7 @@ class Balancer:
                 chosen(replica.url)
             replica.inflight += 1
             replica.requests += 1
+            self._count(replica, False)
             if len(tried) > 1:
                 started = time.monotonic()
             yielded = False
@@ -416,7 +434,9 @@ class Balancer:
                     except (UpstreamFailed, UpstreamTimeout) as exc:
                         self.failed(replica, exc.message)
                         raise
-                    if resp.status >= 500 and resp.status not in _BUSY:
+                    if resp.failure is not None:
+                        self.failed(replica, resp.failure)
+                    elif resp.status >= 500 and resp.status not in _BUSY:
                         self.failed(replica, f"answered {resp.status}")
                     else:
                         self.succeeded(replica)

@@ -206,6 +206,9 @@ class Response:
         self._first_byte = first_byte
         self._idle = idle
         self._deadline = deadline  # loop time
+        # set by the reader when an answer that started well broke (a stream cut, a
+        # body that is not JSON): the balancer counts it against the replica
+        self.failure: str | None = None
 
     @property
     def status(self) -> int:
