@@ -32,6 +32,7 @@ from .control.users import DEFAULT_USER, SYSTEM_ADMIN
 from .errors import GatewayError
 from .logs import logging_config
 from .store import ModelRecord, Store
+from .tracing import Tracing
 
 CLI = Actor.cli()
 
@@ -146,6 +147,10 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     import uvicorn
 
     settings = _settings(host=host, port=port, workers=workers)
+    try:
+        Tracing.check(settings)  # the OpenTelemetry extra, when traces are on
+    except ConfigError as exc:
+        _fail(str(exc))
     store = Store(settings.database_url)
     try:
         store.migrate()  # once, before the workers start

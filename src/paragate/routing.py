@@ -20,6 +20,7 @@ from .access import Permission
 from .asgi import Receive, Scope, Send
 from .auth import Principal
 from .errors import InvalidRequest
+from .tracing import NO_TRACE, RequestTrace
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -38,7 +39,7 @@ class Request:
     request_id: str = ""  # ours: the usage record's id
     response_id: str = ""  # the answer's ``x-request-id``: the client's own, else ours
     started: float = 0.0  # monotonic: when it arrived
-    trace: Any = None  # its ``tracing.RequestTrace`` (``NO_TRACE`` when tracing is off)
+    trace: RequestTrace = NO_TRACE  # its trace (``NO_TRACE`` while tracing is off)
     exchange: Any = None  # a forwarded request's ``usage.Exchange``, once it has one
 
     @property
