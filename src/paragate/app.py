@@ -19,6 +19,7 @@ from .asgi import (
     Scope,
     Send,
     header,
+    identity,
     request_id,
     send_error,
 )
@@ -93,12 +94,10 @@ if {p for p, m in ROUTES.items() for e in m.values() if e.permission is None} !=
 
 
 def _identity(r: Request) -> list[tuple[bytes, bytes]]:
-    """The headers every answer carries: its request id and the gateway's own time on
-    it so far (less the upstream's, for a forwarded request), in milliseconds."""
+    """``asgi.identity`` of a request (less the upstream's time, once forwarded)."""
     ex = r.exchange
-    spent = time.monotonic() - r.started - (ex.waited if ex is not None else 0.0)
-    return [(b"x-request-id", r.response_id.encode()),
-            (b"x-paragate-overhead-ms", b"%.3f" % (max(spent, 0.0) * 1000))]
+    return identity(r.response_id, time.monotonic() - r.started - (
+        ex.waited if ex is not None else 0.0))
 
 
 class _Answer:

@@ -14,6 +14,8 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "header",
+    "identity",
     "read_body",
     "request_id",
     "send_error",
@@ -58,6 +60,13 @@ async def send_error(send: Send, error: GatewayError,
                      more: Iterable[tuple[bytes, bytes]] = ()) -> None:
     headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
     await send_json(send, error.http_status, error.render(), [*headers, *more])
+
+
+def identity(request_id: str, spent: float) -> list[tuple[bytes, bytes]]:
+    """The headers every answer carries: its request id, and the gateway's own time on
+    it so far (``spent`` seconds, the upstream's left out), in milliseconds."""
+    return [(b"x-request-id", request_id.encode()),
+            (b"x-paragate-overhead-ms", b"%.3f" % (max(spent, 0.0) * 1000))]
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .asgi import Send, start_response
+from .asgi import Send, identity, start_response
 from .errors import (
     GatewayError,
     UpstreamFailed,
@@ -49,10 +49,8 @@ def _head(base: list[tuple[bytes, bytes]], target: Target, ex: Exchange
           ) -> list[tuple[bytes, bytes]]:
     """The answer's headers: ``base``, the limits' (x-ratelimit-*), its request id and
     the gateway's own time on it so far, in milliseconds (less the upstream's)."""
-    spent = time.monotonic() - ex.started - ex.waited
-    return [*base, *target.headers,
-            (b"x-request-id", (ex.client_request_id or ex.request_id).encode()),
-            (b"x-paragate-overhead-ms", b"%.3f" % (max(spent, 0.0) * 1000))]
+    return [*base, *target.headers, *identity(ex.client_request_id or ex.request_id,
+                                              time.monotonic() - ex.started - ex.waited)]
 
 
 class _Details(msgspec.Struct):
