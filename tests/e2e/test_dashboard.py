@@ -261,10 +261,22 @@ def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]
         _wait_for(partial(_vllm_idle, stack.vllm.base_url.removesuffix("/v1")), 60)
 
 
-def _stream(client: httpx.Client, path: str, body: dict[str, Any]) -> None:
-    with client.stream("POST", path, json={**body, "stream": True}) as r:
-        assert r.status_code == 200, r.read()
-        assert b"data: [DONE]" in r.read()
+def _stream(gateway: Gateway, client: httpx.Client, path: str,
+            body: dict[str, Any]) -> None:
+    """A stream whose chunks the gateway sent apart, so that the time between chunks
+    grows in every round: on 2 busy cores vLLM may hand over a whole short answer in
+    one read, which the relay sends as one chunk (no gap), so then again, longer."""
+    gaps = "paragate_time_between_chunks_seconds_count"
+    for attempt in range(3):
+        before = gateway.total(gaps)
+        with client.stream("POST", path, json={
+                **body, "stream": True, "max_tokens": 8 * 4 ** attempt,
+                "ignore_eos": True}) as r:
+            assert r.status_code == 200, r.read()
+            assert b"data: [DONE]" in r.read()
+        if _wait_for(lambda b=before: gateway.total(gaps) > b, 10):
+            return
+    raise AssertionError(f"no time between chunks observed on {path}")
 
 
 def _hang_up_during(client: httpx.Client) -> None:
@@ -297,7 +309,7 @@ def put_load(gateway: Gateway, round_: int) -> set[int]:
                            (chat, {"messages": messages, "max_tokens": 8})):
             r = client.post(path, json={"model": MODEL, **body})
             assert r.status_code == 200, r.text
-            _stream(client, path, {"model": MODEL, **body})
+            _stream(gateway, client, path, {"model": MODEL, **body})
         r = client.post("/api/v2/tokenize", json={"model": MODEL, "prompt": "import os"})
         assert r.status_code == 200, r.text
         assert client.get("/api/v2/models").status_code == 200
