@@ -244,6 +244,9 @@ class Bench:
         self.endpoints = list(endpoints)
         self.population = population
         self.env = {**BASE_ENV, "PARAGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db",
+                    # the load comes from one address, up to 10,000 streams held at once:
+                    # a per-client limit above that (counted as by default, never reached)
+                    "PARAGATE_MAX_CONNECTIONS_PER_CLIENT": "1000000",
                     **(gateway_env or {})}
         self.redis = bool(self.env.get("PARAGATE_REDIS_URL"))
         self.rows: list[tuple[str, str, str, str]] = []

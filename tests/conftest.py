@@ -29,6 +29,7 @@ from paragate.control.users import DEFAULT_USER, SYSTEM_ADMIN
 from paragate.gateway import Gateway
 from paragate.limits.resp import RedisClient
 from paragate.logs import AccessLog, JsonFormatter
+from paragate.secrets import Secrets, generate_key
 from paragate.store import Store, UsageRecord
 from paragate.store.schema import api_keys
 
@@ -38,6 +39,9 @@ from .fake_vllm import FakeVLLM
 POSTGRES_ADMIN_URL = os.environ.get(
     "PARAGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+# A PostgreSQL store has no key file of its own (a SQLite one makes its own beside it):
+# the tests' stores, and gateway processes on them, share this one (PARAGATE_SECRET_KEY).
+TEST_SECRET_KEY = generate_key()
 FAKE_BEHAVIOURS = ("slow", "hang", "drop", "error-event", "status-400", "status-404",
                    "status-500", "status-503", "garbage", "unauthorized", "gated")
 
@@ -146,7 +150,7 @@ def _empty(url: str) -> None:
 def pg_store(postgres_url: str) -> Iterator[Store]:
     """A migrated store on the machine's PostgreSQL, emptied afterwards (for tests whose
     gateways are processes of their own, sharing it)."""
-    store = Store(postgres_url)
+    store = Store(postgres_url, secrets=Secrets([TEST_SECRET_KEY], source="the tests' key"))
     store.migrate()
     yield store
     store.close()
@@ -185,7 +189,7 @@ def store(store_url: str, request: pytest.FixtureRequest) -> Iterator[Store]:
         shutil.copyfile(request.getfixturevalue("sqlite_template"), url.database)
         s = Store(store_url)
     else:
-        s = Store(store_url)
+        s = Store(store_url, secrets=Secrets([TEST_SECRET_KEY], source="the tests' key"))
         s.migrate()
     yield s
     s.close()

@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 from paragate.store import Store
 
 from . import logcapture
-from .conftest import Keys, add_model, make_key
+from .conftest import TEST_SECRET_KEY, Keys, add_model, make_key
 from .fake_vllm import FakeVLLM
 from .servers import start_gateway
 
@@ -333,6 +333,7 @@ async def test_a_gateways_log_holds_every_request_and_no_prompt_or_secret(
     database = _with_password(pg_store, c)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARAGATE_")}
     env["PARAGATE_DATABASE_URL"] = database
+    env["PARAGATE_SECRET_KEY"] = c.new("secretkey", TEST_SECRET_KEY)  # pg_store's
     upstream_key = "sk-" + logcapture.canary("upstream")
     locked_key = "sk-" + logcapture.canary("upstream")
     c.new("upstream", upstream_key)
@@ -357,7 +358,8 @@ async def test_a_gateways_log_holds_every_request_and_no_prompt_or_secret(
     gateway = await asyncio.to_thread(
         start_gateway, tmp_path, database, PARAGATE_LOG_LEVEL="debug",
         PARAGATE_ACCESS_LOG="true", PARAGATE_LOG_FORMAT=fmt,
-        PARAGATE_METRICS_TOKEN=metrics_token, PARAGATE_OTLP_HEADERS=f"authorization={otlp}")
+        PARAGATE_SECRET_KEY=TEST_SECRET_KEY, PARAGATE_METRICS_TOKEN=metrics_token,
+        PARAGATE_OTLP_HEADERS=f"authorization={otlp}")
     ids: list[str] = []
     try:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 
 from . import admin, routes
 from .access import require
@@ -24,7 +25,8 @@ from .asgi import (
     send_error,
 )
 from .config import Settings
-from .errors import GatewayError, MethodNotAllowed, NotFound, NotServed
+from .cors import Cors
+from .errors import GatewayError, MethodNotAllowed, NotFound, NotServed, PermissionDenied
 from .gateway import Gateway
 from .routing import Endpoint, Request, Router, Table
 from .store import Store
@@ -93,6 +95,22 @@ if {p for p, m in ROUTES.items() for e in m.values() if e.permission is None} !=
     raise RuntimeError("the public endpoints and PUBLIC_PATHS disagree")
 
 
+# The admin API's templates, each with its methods there: its answers (and its 405s)
+# carry the security headers below. A template may serve the data plane too, with other
+# methods (GET /api/v2/models): those answers do not.
+_ADMIN: dict[str, frozenset[str]] = {p: frozenset(m) for p, m in admin.ROUTES.items()}
+# Beside nosniff, which every answer carries (asgi.identity): an admin answer is never
+# cached, framed, or told where it came from.
+_ADMIN_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_HSTS = (b"strict-transport-security", b"max-age=31536000")  # with our own TLS only
+_NONE: list[tuple[bytes, bytes]] = []
+
+
 def _identity(r: Request) -> list[tuple[bytes, bytes]]:
     """``asgi.identity`` of a request (less the upstream's time, once forwarded)."""
     ex = r.exchange
@@ -101,21 +119,40 @@ def _identity(r: Request) -> list[tuple[bytes, bytes]]:
 
 
 class _Answer:
-    """``send`` for the handlers that are not forwarded: adds the identity headers to
-    the answer and remembers its status."""
+    """``send`` for the handlers that are not forwarded: adds the identity headers (and
+    ``extra``: CORS, security) to the answer and remembers its status."""
 
-    __slots__ = ("r", "send", "status")
+    __slots__ = ("extra", "r", "send", "status")
 
-    def __init__(self, send: Send, r: Request) -> None:
+    def __init__(self, send: Send, r: Request, extra: list[tuple[bytes, bytes]]) -> None:
         self.send = send
         self.r = r
+        self.extra = extra
         self.status = 0
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            message["headers"] = [*message.get("headers", ()), *_identity(self.r)]
+            message["headers"] = [*message.get("headers", ()), *_identity(self.r),
+                                  *self.extra]
         await self.send(message)
+
+
+class _Extra:
+    """``send`` for a forwarded request when CORS is on: adds ``extra`` to the answer's
+    head (``proxy`` builds the rest). A plain call handing back ``send``'s awaitable,
+    so that the relay's every chunk costs one call, not one more coroutine."""
+
+    __slots__ = ("extra", "send")
+
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+        self.send = send
+        self.extra = extra
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *self.extra]
+        return self.send(message)
 
 
 class App:
@@ -123,6 +160,10 @@ class App:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        settings = gateway.settings
+        origins = settings.cors_origin_list()
+        self.cors = Cors(origins) if origins else None  # None: CORS off
+        self.admin_headers = [*_ADMIN_HEADERS, *([_HSTS] if settings.tls_certfile else [])]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -143,7 +184,27 @@ class App:
         status, error = 0, None
         tracing = gw.tracing
         trace = r.trace = NO_TRACE
+        extra = _NONE  # more answer headers: CORS, and the admin API's security headers
+        cors = self.cors
+        origin = None
+        if cors is not None:
+            origin = header(scope, b"origin")
+            extra = cors.headers(origin)
         try:
+            if cors is not None and origin is not None and scope["method"] == "OPTIONS" and (
+                    header(scope, b"access-control-request-method") is not None):
+                endpoint_name = "cors_preflight"  # answered here: no key, no handler
+                if not cors.allows(origin):
+                    raise PermissionDenied(
+                        f"The origin {origin[:200].decode('latin-1')} may not call this "
+                        "API from a browser (PARAGATE_CORS_ORIGINS).",
+                        code="origin_not_allowed")
+                answer = _Answer(send, r, cors.preflight(
+                    origin, header(scope, b"access-control-request-headers")))
+                await answer({"type": "http.response.start", "status": 204, "headers": []})
+                await answer({"type": "http.response.body", "body": b"", "more_body": False})
+                status = answer.status
+                return
             found = _ROUTER.match(scope["path"])
             if found is None:
                 feature = _not_served(scope["path"])
@@ -154,6 +215,9 @@ class App:
                 raise NotServed(f"{feature} is part of Paradigm's API that this gateway "
                                 "does not serve.")
             endpoint_name, (r.path_param, r.sub_param), methods = found
+            if endpoint_name in _ADMIN and (scope["method"] in _ADMIN[endpoint_name]
+                                            or scope["method"] not in methods):
+                extra = [*extra, *self.admin_headers]
             if tracing is not None:
                 trace = r.trace = tracing.request(scope, endpoint_name)
             endpoint = methods.get(scope["method"])
@@ -170,20 +234,23 @@ class App:
                     if principal.role not in permission.roles or permission.key_manager:
                         require(principal, permission)
             if endpoint.forwards:
+                if extra:
+                    r.send = _Extra(send, extra)
                 await endpoint.handler(gw, r)
                 return
-            answer = r.send = _Answer(send, r)
+            answer = r.send = _Answer(send, r, extra)
             await endpoint.handler(gw, r)
             status = answer.status
         except GatewayError as exc:
             status, error = exc.http_status, exc.code
-            await send_error(send, exc, _identity(r))
+            await send_error(send, exc, [*_identity(r), *extra])
         except ClientGone:
             status, error = 499, "client_disconnected"  # nobody is left to answer
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], endpoint_name)
             status, error = 500, "internal_error"
-            await send_error(send, GatewayError("Internal server error."), _identity(r))
+            await send_error(send, GatewayError("Internal server error."),
+                             [*_identity(r), *extra])
         finally:
             ex = r.exchange
             if ex is None:  # a forwarded request counts itself (dispatch.forward)

@@ -62,11 +62,16 @@ async def send_error(send: Send, error: GatewayError,
     await send_json(send, error.http_status, error.render(), [*headers, *more])
 
 
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
 def identity(request_id: str, spent: float) -> list[tuple[bytes, bytes]]:
-    """The headers every answer carries: its request id, and the gateway's own time on
-    it so far (``spent`` seconds, the upstream's left out), in milliseconds."""
+    """The headers every answer carries: its request id, the gateway's own time on it
+    so far (``spent`` seconds, the upstream's left out) in milliseconds, and
+    ``nosniff`` (a browser must never take a JSON answer or an event stream for a page
+    or a script)."""
     return [(b"x-request-id", request_id.encode()),
-            (b"x-paragate-overhead-ms", b"%.3f" % (max(spent, 0.0) * 1000))]
+            (b"x-paragate-overhead-ms", b"%.3f" % (max(spent, 0.0) * 1000)), _NOSNIFF]
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -77,8 +82,15 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, or 413 as soon as it is known to exceed ``limit``."""
-    too_large = RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    """The whole request body, or 413 as soon as it is known to exceed ``limit``: a
+    Content-Length over it before a byte is read, a chunked body once it passes it.
+    The 413 closes the connection, so that the server does not go on reading (and
+    throwing away) the rest of a body that may never end. A Content-Length that lies
+    never gets here: more bytes than it says are a malformed next request (the server
+    answers 400 and closes), fewer leave the body to the server's stall timeout."""
+    too_large = RequestTooLarge(
+        f"The request body exceeds the limit of {limit} bytes (PARAGATE_MAX_BODY_BYTES).",
+        headers={"connection": "close"})
     length = header(scope, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_large

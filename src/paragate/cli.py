@@ -33,6 +33,7 @@ from .errors import GatewayError
 from .logs import logging_config
 from .store import ModelRecord, Store
 from .tracing import Tracing
+from .upstream.urls import redacted
 
 CLI = Actor.cli()
 
@@ -52,8 +53,16 @@ def _settings(**overrides: Any) -> Settings:
         _fail(str(exc))
 
 
+def _open_store(settings: Settings) -> Store:
+    """The store, with the secret keys of its upstream API keys (a bad one: one line)."""
+    try:
+        return Store.from_settings(settings)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 def _store() -> Store:
-    store = Store(_settings().database_url)
+    store = _open_store(_settings())
     click.get_current_context().call_on_close(store.close)  # its connections, when done
     store.migrate()
     return store
@@ -138,20 +147,28 @@ def cli() -> None:
 @click.option("--port", type=int, help="Port to listen on [default: PARAGATE_PORT or 8080].")
 @click.option("--workers", type=int, help="Worker processes [default: PARAGATE_WORKERS or 1].")
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
-    """Run the gateway.
+    """Run the gateway: HTTPS when PARAGATE_TLS_CERTFILE is set, else plain HTTP (e.g.
+    behind a proxy that terminates TLS). Slow and hostile clients meet the limits of
+    PARAGATE_HEADER_TIMEOUT, PARAGATE_BODY_TIMEOUT, PARAGATE_MAX_HEADERS and their kin
+    (see `paragate settings`).
 
     \b
     Example:
       PARAGATE_DATABASE_URL=postgresql+psycopg://paragate@db/paragate paragate serve --port 8080
+      PARAGATE_TLS_CERTFILE=cert.pem PARAGATE_TLS_KEYFILE=key.pem paragate serve --port 8443
     """
     import uvicorn
+
+    from .transport import GuardedProtocol
 
     settings = _settings(host=host, port=port, workers=workers)
     try:
         Tracing.check(settings)  # the OpenTelemetry extra, when traces are on
     except ConfigError as exc:
         _fail(str(exc))
-    store = Store(settings.database_url)
+    if settings.tls_certfile:
+        _check_tls(settings)  # here, in one line, rather than a traceback per worker
+    store = _open_store(settings)
     try:
         store.migrate()  # once, before the workers start
         if settings.workers > 1 and not settings.redis_url:
@@ -172,7 +189,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             port=settings.port,
             workers=settings.workers,
             loop="uvloop",
-            http="httptools",
+            http=GuardedProtocol,  # httptools, with the transport's limits (transport.py)
+            ws="none",  # no WebSocket upgrade: paragate serves none
             lifespan="on",
             log_level=settings.log_level,
             log_config=logging_config(settings.log_level, settings.log_format),
@@ -180,6 +198,9 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             server_header=False,
             proxy_headers=False,  # paragate reads X-Forwarded-For itself, from trusted proxies
             date_header=False,
+            ssl_certfile=settings.tls_certfile or None,
+            ssl_keyfile=settings.tls_keyfile or None,
+            ssl_keyfile_password=settings.tls_keyfile_password or None,
             # paragate's own sequence (shutdown.py) ends streams at shutdown_timeout; this
             # is uvicorn's backstop for whatever is still running a little after that
             timeout_graceful_shutdown=math.ceil(max(
@@ -188,6 +209,31 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     finally:
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _check_tls(settings: Settings) -> None:
+    """The certificate and key load, together: a missing file, a key that is not the
+    certificate's or a wrong password stops ``serve`` with one line."""
+    import ssl
+
+    for name in ("tls_certfile", "tls_keyfile"):
+        path = getattr(settings, name)
+        if path and not Path(path).is_file():
+            _fail(f"PARAGATE_{name.upper()}={path}: no such file")
+    files = settings.tls_certfile + (f" and {settings.tls_keyfile}" if settings.tls_keyfile
+                                     else "")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # a password, even empty, so that OpenSSL never prompts on the terminal
+        context.load_cert_chain(settings.tls_certfile, settings.tls_keyfile or None,
+                                settings.tls_keyfile_password)
+    except ssl.SSLError as exc:
+        why = ("the key is not the certificate's" if exc.reason == "KEY_VALUES_MISMATCH"
+               else "not a PEM certificate and key, or an encrypted key without its "
+               "password (PARAGATE_TLS_KEYFILE_PASSWORD)")
+        _fail(f"TLS: cannot load the certificate and key from {files}: {why}")
+    except OSError as exc:
+        _fail(f"TLS: cannot read {files}: {exc.strerror or exc}")
 
 
 def _check_limits_per_process(store: Store, settings: Settings) -> None:
@@ -673,7 +719,7 @@ def models_remove(name: str) -> None:
 @models.command("list")
 def models_list() -> None:
     """List models (never their upstream keys)."""
-    rows = [[m.name, m.display_name or "-", m.type, m.upstream_url, m.upstream_model,
+    rows = [[m.name, m.display_name or "-", m.type, redacted(m.upstream_url), m.upstream_model,
              "yes" if m.enabled else "no",
              ",".join(map(str, m.company_ids)) if m.company_ids is not None else "*",
              "yes" if m.upstream_api_key else "no",
@@ -717,9 +763,10 @@ def replicas_list(name: str) -> None:
     """List the replicas of the model NAME (their configuration; a running gateway
     shows their health at GET /api/v2/models/NAME/replicas)."""
     _, found = control.replicas.list_(_store(), CLI, name)
-    rows = [[str(r.id), r.url, str(r.weight), "yes" if r.enabled else "no",
+    rows = [[str(r.id), redacted(r.url), str(r.weight), "yes" if r.enabled else "no",
              "yes" if r.draining else "no", "yes" if r.upstream_api_key else "no",
-             r.health_url or "-", "yes" if r.discover else "no"] for r in found]
+             redacted(r.health_url) if r.health_url else "-",
+             "yes" if r.discover else "no"] for r in found]
     _table(rows, ["ID", "UPSTREAM", "WEIGHT", "ENABLED", "DRAINING", "UPSTREAM KEY",
                   "HEALTH URL", "DISCOVER"])
 
@@ -780,13 +827,54 @@ def _limits(m: ModelRecord) -> str:
 def _since(value: str) -> datetime:
     """An ISO date or time (UTC unless it says), or a span back from now: 30m, 12h, 7d."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1:] in units and value[:-1].isdigit():
+    if value[-1:] in units and value[:-1].isascii() and value[:-1].isdigit():
         return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         _fail(f"--since takes an ISO date or time or a span like 30m, 12h, 7d; got {value!r}")
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@cli.group()
+def secrets() -> None:
+    """The secret keys that encrypt upstream API keys at rest (PARAGATE_SECRET_KEY or
+    PARAGATE_SECRET_KEY_FILE; with neither, a SQLite store's key file beside it).
+
+    \b
+    Rotating the key, with every gateway running:
+      1. put a new key first, the old one after it, on every gateway and CLI:
+         PARAGATE_SECRET_KEY=$(paragate secrets generate),$OLD_KEY (then restart them)
+      2. paragate secrets rotate      (every stored key re-encrypted with the new one)
+      3. remove the old key from PARAGATE_SECRET_KEY, and restart again
+    """
+
+
+@secrets.command("generate")
+def secrets_generate() -> None:
+    """Print a new secret key (a Fernet key); nothing is stored.
+
+    \b
+    Example:
+      export PARAGATE_SECRET_KEY=$(paragate secrets generate)
+    """
+    from .secrets import generate_key
+
+    click.echo(generate_key())
+
+
+@secrets.command("rotate")
+def secrets_rotate() -> None:
+    """Re-encrypt every stored upstream API key with the first secret key, in one
+    transaction (all or none), and print how many. Afterwards the other keys can be
+    removed from the configuration.
+
+    \b
+    Example:
+      PARAGATE_SECRET_KEY=$NEW_KEY,$OLD_KEY paragate secrets rotate
+    """
+    done = control.secrets.rotate(_store(), CLI)  # plaintext ones: encrypted by migrate
+    click.echo(f"re-encrypted {done.keys} upstream API key(s) with the first secret key")
 
 
 @cli.group()

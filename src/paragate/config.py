@@ -11,6 +11,7 @@ the two in step.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -62,6 +63,24 @@ SETTINGS: tuple[Setting, ...] = (
         "max_body_bytes",
         4 * 1024 * 1024,
         "Largest request body accepted; a larger one is answered 413.",
+    ),
+    Setting(
+        "max_form_fields",
+        256,
+        "Most fields in one urlencoded or multipart/form-data body (each repeated "
+        "`prompt` or `stop` counts); more is answered 413.",
+    ),
+    Setting(
+        "max_form_part_bytes",
+        1024 * 1024,
+        "Largest field of an urlencoded or multipart/form-data body, in bytes (its value "
+        "once unescaped, a part's data); a larger one is answered 413.",
+    ),
+    Setting(
+        "max_json_depth",
+        128,
+        "Most levels of arrays and objects nested in a JSON body (or in a form field's "
+        "JSON), 1 to 512; a deeper one is answered 400.",
     ),
     Setting(
         "default_max_logprobs",
@@ -211,6 +230,22 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a key's old secret keeps working after the key is rotated (0: none).",
     ),
     Setting(
+        "secret_key",
+        "",
+        "Fernet key(s) that encrypt upstream API keys at rest, separated by commas: the "
+        "first encrypts, every one decrypts (rotation: put a new key first, run "
+        "`paragate secrets rotate`, then remove the old). Empty, with `secret_key_file` "
+        "empty too: a SQLite store uses a key file made beside its database "
+        "(`paragate.key`, mode 0600); any other store refuses to store an upstream API "
+        "key. `paragate secrets generate` prints a key. Never logged.",
+    ),
+    Setting(
+        "secret_key_file",
+        "",
+        "A file holding the Fernet key(s) of `secret_key` instead, one a line (the first "
+        "encrypts; blank lines and `#` comments are skipped). Set one of the two, not both.",
+    ),
+    Setting(
         "redis_url",
         "",
         "Redis for rate limits and budgets shared by every gateway process and instance "
@@ -317,6 +352,67 @@ SETTINGS: tuple[Setting, ...] = (
         "Comma-separated networks (e.g. 10.0.0.0/8,127.0.0.1) of load balancers whose "
         "X-Forwarded-For names the client's address; from other peers it is ignored.",
     ),
+    Setting(
+        "header_timeout",
+        30.0,
+        "Seconds a client has to send a request's line and headers, however slowly they "
+        "trickle: counted from the connection's opening for its first request, from the "
+        "request's first byte for later ones; then 408 and the connection is closed.",
+    ),
+    Setting(
+        "body_timeout",
+        30.0,
+        "Seconds a request's body may stall (not a byte arriving) before the request is "
+        "cut: 408 (or a close, if its answer has started). An upload that keeps moving, "
+        "however slowly, is never cut.",
+    ),
+    Setting(
+        "keepalive_timeout",
+        5.0,
+        "Seconds an idle keep-alive connection waits for its next request before it is "
+        "closed.",
+    ),
+    Setting(
+        "max_headers",
+        100,
+        "Most header fields in one request; more is answered 431.",
+    ),
+    Setting(
+        "max_header_bytes",
+        32768,
+        "Most bytes in a request's target and header lines together; more is answered 431.",
+    ),
+    Setting(
+        "max_connections_per_client",
+        512,
+        "Most connections open at once from one TCP peer address, in each worker process; "
+        "the next one is answered 429 and closed (0: no limit). Peers in "
+        "`trusted_proxies` are not counted: a load balancer's connections carry many "
+        "clients, and limiting them is its job.",
+    ),
+    Setting(
+        "tls_certfile",
+        "",
+        "PEM certificate (with its chain) for HTTPS: `paragate serve` speaks TLS with it "
+        "(empty: plain HTTP, e.g. behind a proxy that terminates TLS).",
+    ),
+    Setting(
+        "tls_keyfile",
+        "",
+        "PEM private key of `tls_certfile` (empty: the key is in the certificate's file).",
+    ),
+    Setting(
+        "tls_keyfile_password",
+        "",
+        "Password of an encrypted private key. Never logged.",
+    ),
+    Setting(
+        "cors_origins",
+        "",
+        "Comma-separated origins (e.g. https://app.example.com) whose web pages may call "
+        "the API from a browser: preflights are answered and responses carry "
+        "Access-Control-* headers; `*` for any origin. Empty: CORS off.",
+    ),
 )
 
 # PARAGATE_* variables that are read by something other than the gateway's settings.
@@ -346,6 +442,9 @@ class Settings:
     log_format: str = "json"
     access_log: bool = True
     max_body_bytes: int = 4 * 1024 * 1024
+    max_form_fields: int = 256
+    max_form_part_bytes: int = 1024 * 1024
+    max_json_depth: int = 128
     default_max_logprobs: int = 5
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
@@ -371,6 +470,8 @@ class Settings:
     default_key_days: int = 180
     max_keys_per_user: int = 5
     key_rotation_grace: int = 86400
+    secret_key: str = ""
+    secret_key_file: str = ""
     redis_url: str = ""
     redis_prefix: str = "paragate"
     redis_timeout: float = 0.25
@@ -390,6 +491,16 @@ class Settings:
     otlp_headers: str = ""
     traces_sample_ratio: float = 1.0
     trusted_proxies: str = ""
+    header_timeout: float = 30.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 5.0
+    max_headers: int = 100
+    max_header_bytes: int = 32768
+    max_connections_per_client: int = 512
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    tls_keyfile_password: str = ""
+    cors_origins: str = ""
 
     def journal_path(self) -> Path:
         """The journal's directory: the setting, or beside the SQLite store."""
@@ -407,9 +518,13 @@ class Settings:
         return tuple(ip_network(n.strip(), strict=False)
                      for n in self.trusted_proxies.split(",") if n.strip())
 
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """The allowed origins, as browsers send them (lower case, no trailing slash)."""
+        return tuple(o.strip().lower() for o in self.cors_origins.split(",") if o.strip())
+
     def shown(self) -> dict[str, Any]:
         """Every setting as it may be shown on a screen or in a log: passwords in URLs,
-        the metrics token and the OTLP header values masked."""
+        the metrics token, the secret key and the OTLP header values masked."""
         from sqlalchemy.engine import make_url
 
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -419,8 +534,9 @@ class Settings:
                     out[name] = make_url(out[name]).render_as_string(hide_password=True)
                 except Exception:  # an unparsable URL: shown as nothing rather than leaked
                     out[name] = "***"
-        if out["metrics_token"]:
-            out["metrics_token"] = "***"
+        for name in ("metrics_token", "tls_keyfile_password", "secret_key"):
+            if out[name]:
+                out[name] = "***"
         if out["otlp_headers"]:
             out["otlp_headers"] = ",".join(
                 p.split("=", 1)[0].strip() + "=***"
@@ -437,6 +553,7 @@ _TYPES: dict[str, type] = {s.name: type(s.default) for s in SETTINGS}
 if [f.name for f in fields(Settings)] != [s.name for s in SETTINGS]:  # pragma: no cover
     raise RuntimeError("Settings and SETTINGS disagree")  # a bug, caught at import
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s,?#@]+")
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -513,10 +630,33 @@ def _check(settings: Settings) -> Settings:
             raise ConfigError(f"{name}: must be at least 1")
     if settings.max_keys_per_user < 1:
         raise ConfigError("max_keys_per_user: must be at least 1")
+    for name in ("max_form_fields", "max_form_part_bytes"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1")
+    if not 1 <= settings.max_json_depth <= 512:  # msgspec's own guard is near 1000
+        raise ConfigError("max_json_depth: must be between 1 and 512")
     try:
         settings.proxy_networks()
     except ValueError as exc:
         raise ConfigError(f"trusted_proxies: {exc}") from None
+    for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name}: must be greater than 0")
+    if settings.max_headers < 1:
+        raise ConfigError("max_headers: must be at least 1")
+    if settings.max_header_bytes < 1024:
+        raise ConfigError("max_header_bytes: must be at least 1024")
+    if settings.max_connections_per_client < 0:
+        raise ConfigError("max_connections_per_client: must not be negative")
+    if (settings.tls_keyfile or settings.tls_keyfile_password) and not settings.tls_certfile:
+        raise ConfigError("tls_keyfile: set tls_certfile too (the key's certificate)")
+    origins = settings.cors_origin_list()
+    if "*" in origins and len(origins) > 1:
+        raise ConfigError("cors_origins: `*` allows every origin; list no others beside it")
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"cors_origins: {origin!r} is not an origin: expected "
+                              "scheme://host[:port], without a path or a trailing slash")
     if not 0 <= settings.default_max_logprobs <= 20:
         raise ConfigError("default_max_logprobs: must be between 0 and 20")
     return settings

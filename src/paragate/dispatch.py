@@ -17,7 +17,7 @@ from typing import Any
 from .asgi import ClientGone, Receive, header, read_body
 from .errors import GatewayError, ShuttingDown, WrongModelType
 from .gateway import Gateway
-from .protocol import ModelRequest
+from .protocol import BodyLimits, ModelRequest
 from .proxy import Target, relay_json, relay_stream
 from .routing import Request
 from .upstream.balancer import affinity_key
@@ -31,7 +31,7 @@ class Operation:
     """One endpoint that forwards to a model."""
 
     path: str  # ours, e.g. /api/v2/chat/completions (the usage record's endpoint)
-    parse: Callable[[bytes | None, bytes], ModelRequest]  # the body, checked
+    parse: Callable[[bytes | None, bytes, BodyLimits], ModelRequest]  # the body, checked
     upstream: str  # vLLM's: under the replica's URL (chat/completions), or /tokenize
     model_types: tuple[str, ...]  # the model types that serve it
     answer: Callable[[bytes], bytes] | None = None  # rewrites vLLM's JSON answer
@@ -99,7 +99,8 @@ async def forward(gw: Gateway, r: Request, op: Operation) -> None:
     try:
         raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
         with trace.span("paragate.route"):
-            req = op.parse(header(r.scope, b"content-type"), raw)
+            req = op.parse(header(r.scope, b"content-type"), raw,
+                           BodyLimits.of(gw.settings))
             ex.model, ex.stream, ex.n = req.model, req.stream, req.n
             who = r.caller
             route = gw.registry.resolve(who, req.model)

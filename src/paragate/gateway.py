@@ -71,7 +71,7 @@ class Gateway:
 
     @classmethod
     def build(cls, settings: Settings, store: Store | None = None) -> Gateway:
-        store = store or Store(settings.database_url)
+        store = store or Store.from_settings(settings)  # its secret keys too
         refresh_thread = StoreThread("paragate-refresh")
         usage_thread = StoreThread("paragate-usage", idle=True)
         catch_up_thread = StoreThread("paragate-usage-catch-up")  # started when needed

@@ -15,6 +15,12 @@ the store cannot be reached it logs how old its view is (again every 10 s), keep
 serving from the last view, and ``/ready`` says so; past ``PARAGATE_MAX_VIEW_AGE`` the
 registry refuses requests with 503 (and ``/ready`` answers 503 ``stale``).
 
+Upstream API keys are decrypted as the rows are read (``Store.changes``). One that none
+of the secret keys decrypts stops the start-up (a gateway started with the wrong keys
+would fail every request of those models), naming the replicas; found by a later
+refresh (a key written by a gateway with other keys), it is logged as an error naming
+the replica, which stays out of service (``balancer``: misconfigured) until fixed.
+
 Prompts and completions are never logged unless a model's ``log_payloads`` is on; then
 the refresher says so in one warning naming those models, when the first view loads
 and again whenever the set of them changes (not at every refresh).
@@ -30,7 +36,8 @@ import time
 
 from .background import StoreThread
 from .registry import Registry, slices
-from .store import NOTIFY_CHANNEL, Store
+from .secrets import Undecryptable
+from .store import NOTIFY_CHANNEL, Changes, Store
 
 __all__ = ["Refresher"]
 
@@ -56,9 +63,19 @@ class Refresher:
         self._reported_at = 0.0
         self._logging_payloads: tuple[str, ...] = ()  # as last reported
 
-    async def load(self) -> None:
-        """The whole view, built in the thread and swapped in at once."""
+    async def load(self, *, strict: bool = True) -> None:
+        """The whole view, built in the thread and swapped in at once. ``strict`` (the
+        start-up): ``Undecryptable`` when an upstream API key cannot be decrypted."""
         changes = await self._thread.run(self._store.changes, 0)
+        if strict and changes.undecryptable:
+            found = changes.undecryptable
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise Undecryptable(
+                f"cannot decrypt the upstream API key of {'; '.join(found[:5])}{more}. "
+                "Start with the secret key that encrypted them among the configured ones "
+                "(PARAGATE_SECRET_KEY or secret_key_file, after the current key), or set "
+                "those keys again (paragate models replicas update).")
+        self._report_undecryptable(changes)
         view = await self._thread.run(self._registry.build, changes)
         self._registry.install(view)
         self._registry.fresh_at = time.monotonic()
@@ -75,9 +92,10 @@ class Refresher:
             if version < registry.version:  # a restored or replaced database
                 log.warning("the store's config version went back from %d to %d; "
                             "reloading everything", registry.version, version)
-                await self.load()
+                await self.load(strict=False)
                 return len(registry.keys)
             changes = await self._thread.run(self._store.changes, registry.version)
+            self._report_undecryptable(changes)
             for piece in slices(changes):
                 registry.apply(piece)
                 await asyncio.sleep(0)  # let requests through between slices
@@ -85,6 +103,13 @@ class Refresher:
                      changes.rows)
             self._report_payload_logging()
             return changes.rows
+
+    @staticmethod
+    def _report_undecryptable(changes: Changes) -> None:
+        for what in changes.undecryptable:
+            log.error("cannot decrypt the upstream API key of %s; it is out of service "
+                      "until its key is set again or the secret key that encrypted it is "
+                      "configured", what)
 
     def _report_payload_logging(self) -> None:
         """Warn when models log their prompts and completions: at the first view, then

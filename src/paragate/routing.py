@@ -58,7 +58,8 @@ def query(r: Request, **allowed: type) -> dict[str, Any]:
             raise InvalidRequest(f"Unknown query parameter '{name[:40]}'.", param=name[:40],
                                  code="unknown_field")
         if kind is int:
-            if not raw.strip().lstrip("-").isdigit() or len(raw) > 18:
+            digits = raw.strip().lstrip("-")
+            if not (digits.isascii() and digits.isdigit()) or len(raw) > 18:
                 raise InvalidRequest(f"'{name}' must be an integer.", param=name,
                                      code="invalid_type")
             out[name] = int(raw)

@@ -17,6 +17,7 @@ from . import schemas as s
 from .control.keys import Key
 from .registry import Route
 from .store import AuditRecord, CompanyRecord, ReplicaRecord, UserRecord
+from .upstream.urls import redacted
 
 if TYPE_CHECKING:
     from .upstream.balancer import Fleet, Replica
@@ -76,7 +77,7 @@ def model(route: Route, config: bool) -> s.Model:
                   display_name=route.display_name, type=route.type)
     if config:
         out.enabled = route.enabled
-        out.upstream_url = route.upstream_url
+        out.upstream_url = redacted(route.upstream_url)  # a row from before the URL checks
         out.upstream_model = route.upstream_model
         out.has_upstream_api_key = route.upstream_api_key is not None
         out.companies = sorted(route.company_ids) if route.company_ids is not None else None
@@ -145,9 +146,10 @@ def replica(model: str, r: ReplicaRecord, live: Replica | None,
         queue=_queue(m), latency_ms=_latency(m), requests=m.requests, errors=m.errors,
         consecutive_failures=m.fails, last_error=m.last_error) for m in members]
     return s.Replica(
-        id=r.id, model=model, url=r.url, weight=r.weight, enabled=r.enabled,
+        id=r.id, model=model, url=redacted(r.url), weight=r.weight, enabled=r.enabled,
         draining=r.draining, has_upstream_api_key=r.upstream_api_key is not None,
-        health_url=r.health_url, discover=r.discover, addresses=addresses,
+        health_url=redacted(r.health_url) if r.health_url else None, discover=r.discover,
+        addresses=addresses,
         state=state,  # type: ignore[arg-type]
         in_flight=sum(m.inflight for m in parts), queue=_queue(live),
         latency_ms=_latency(live), requests=sum(m.requests for m in parts),

@@ -14,6 +14,7 @@ from ..asgi import header, read_body, request_id, send_json
 from ..control import Actor
 from ..errors import InvalidRequest, UnsupportedMediaType
 from ..gateway import Gateway
+from ..protocol import BodyLimits, json_body
 from ..routing import Request
 
 __all__ = ["actor", "body", "changed", "client_addr", "path_int", "reply", "run"]
@@ -79,27 +80,50 @@ def path_int(r: Request, what: str) -> int:
     from ..errors import NotFound
 
     raw = r.path_param
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # not '³': int() refuses it
         raise NotFound(f"No {what} with id {raw[:40]!r}.")
     return int(raw)
 
 
 async def body(gw: Gateway, r: Request, kind: type[S]) -> S:
-    """The JSON body decoded into ``kind``: 400 naming the field on any mismatch."""
+    """The JSON body decoded into ``kind``: 400 naming the field on any mismatch, and
+    the checks of every JSON body first (``protocol.json_body``: a BOM, lone
+    surrogates, depth, numbers out of range, a key given twice, each named)."""
     content_type = (header(r.scope, b"content-type") or b"").split(b";")[0].strip().lower()
     raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
     # `curl -d '{...}'` labels JSON as a form; like /completions, read it as what it is
     curl_json = content_type == b"application/x-www-form-urlencoded" and raw.lstrip(
-        b" \t\r\n").startswith(b"{")
+        b" \t\r\n").removeprefix(b"\xef\xbb\xbf").startswith(b"{")
     if content_type not in (b"application/json", b"") and not content_type.endswith(
             b"+json") and not curl_json:
         raise UnsupportedMediaType("The admin API takes application/json bodies.")
+    raw = raw or b"{}"
+    if not _within_int64(json_body(raw, BodyLimits.of(gw.settings))):
+        raise InvalidRequest("The body holds an integer out of range: the admin API's "
+                             "integers are signed 64-bit ones (-2^63 to 2^63-1).",
+                             code="invalid_json")
     try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
+        return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         raise _invalid(str(exc)) from None
-    except msgspec.DecodeError:
+    except msgspec.DecodeError:  # not reached: json_value decoded it
         raise InvalidRequest("The body is not valid JSON.", code="invalid_json") from None
+
+
+def _within_int64(value: Any) -> bool:
+    """Whether every integer of a decoded JSON value fits the store's BIGINT (the JSON
+    checks allow uint64 too; a larger id reached the database and was a 500)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is int:
+            if not -(2**63) <= item < 2**63:
+                return False
+        elif type(item) is dict:
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return True
 
 
 def _invalid(message: str) -> InvalidRequest:
@@ -114,6 +138,8 @@ def _invalid(message: str) -> InvalidRequest:
         code = "invalid_type"
     else:
         code = "invalid_value"
+    if len(message) > 200:  # msgspec quotes a bad enum value whole: never echo megabytes
+        message = message[:200] + "…"
     return InvalidRequest(f"Invalid body: {message}.", param=param, code=code)
 
 

@@ -22,7 +22,7 @@ __all__ = ["create", "delete", "list_", "update"]
 
 def _id(r: Request) -> int:
     raw = r.sub_param
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound(f"No replica with id {raw[:40]!r}.", param="replica",
                        code="replica_not_found")
     return int(raw)

@@ -13,8 +13,8 @@ admin.
 
 from __future__ import annotations
 
-from . import audit, companies, keys, models, replicas, usage, users
+from . import audit, companies, keys, models, replicas, secrets, usage, users
 from .common import Actor, Page
 
-__all__ = ["Actor", "Page", "audit", "companies", "keys", "models", "replicas", "usage",
-           "users"]
+__all__ = ["Actor", "Page", "audit", "companies", "keys", "models", "replicas", "secrets",
+           "usage", "users"]

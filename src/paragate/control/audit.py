@@ -27,7 +27,7 @@ def list_(store: Store, actor: Actor, *, actor_filter: str | None = None,
     if actor_filter is not None:
         if actor_filter == "cli":
             query = query.where(audit_log.c.actor_type == "cli")
-        elif actor_filter.isdigit():
+        elif actor_filter.isascii() and actor_filter.isdigit() and len(actor_filter) <= 18:
             query = query.where(audit_log.c.actor_user_id == int(actor_filter))
         else:
             query = query.where(audit_log.c.actor_key == actor_filter)

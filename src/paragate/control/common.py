@@ -3,20 +3,22 @@ that the API and the CLI both accept (the one layer where they are validated).""
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Select, select
 
 from ..access import ADMIN, RANK
-from ..errors import InvalidRequest, NotFound, PermissionDenied
-from ..store import model_of
+from ..errors import GatewayError, InvalidRequest, NotFound, PermissionDenied
+from ..secrets import NoSecretKey, SecretsError
+from ..store import Store, model_of
 from ..store.records import CompanyRecord, ModelRecord
 from ..store.schema import companies, models
+from ..upstream import urls
 
 __all__ = [
     "INT_MAX",
@@ -34,6 +36,8 @@ __all__ = [
     "require_admin",
     "require_limit_setter",
     "require_rank",
+    "same_key",
+    "seal",
 ]
 
 T = TypeVar("T")
@@ -154,19 +158,13 @@ def check_int(value: int | None, field: str, lo: int | None = None, hi: int = IN
 
 
 def check_url(url: str, field: str = "upstream_url") -> str:
-    """An http(s) URL with a host and no whitespace: it becomes a request line."""
-    bad = InvalidRequest(f"'{field}' must be an http:// or https:// URL with a host.",
-                         param=field)
+    """An upstream URL as it is to be stored (``upstream.urls.check``: http(s), a host,
+    no credentials, no query; a host name that is not ASCII in its IDNA form). The
+    message never repeats the URL: it may hold a password."""
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise bad from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(
-        c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url
-    ):
-        raise bad
-    return url
+        return urls.check(url)
+    except urls.BadURL as exc:
+        raise InvalidRequest(f"'{field}' {exc}.", param=field) from None
 
 
 def check_api_key(key: str | None, field: str = "upstream_api_key") -> str | None:
@@ -176,6 +174,31 @@ def check_api_key(key: str | None, field: str = "upstream_api_key") -> str | Non
         raise InvalidRequest(f"'{field}' must be printable ASCII without spaces.",
                              param=field)
     return key
+
+
+def seal(store: Store, key: str | None, field: str = "upstream_api_key") -> str | None:
+    """An upstream API key as it is stored: encrypted (``secrets``); refused when no
+    secret key is configured and none can be made."""
+    if key is None:
+        return None
+    try:
+        return store.secrets.encrypt(key)
+    except NoSecretKey as exc:
+        raise InvalidRequest(str(exc), param=field, code="secret_key_missing") from None
+    except SecretsError as exc:  # the generated key file cannot be read
+        raise GatewayError(f"The upstream API key cannot be encrypted: {exc}.",
+                           code="secret_key_unreadable") from None
+
+
+def same_key(store: Store, stored: str | None, key: str | None) -> bool:
+    """Whether a stored upstream API key is ``key`` (one that cannot be decrypted is
+    not: setting it again repairs it)."""
+    if stored is None or key is None:
+        return stored is key
+    try:
+        return hmac.compare_digest(store.secrets.decrypt(stored), key)
+    except SecretsError:
+        return False
 
 
 def from_unix(value: int, field: str) -> datetime:

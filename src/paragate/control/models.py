@@ -23,6 +23,8 @@ from .common import (
     check_url,
     live_model,
     require_admin,
+    same_key,
+    seal,
 )
 
 __all__ = ["FIELDS", "TYPES", "create", "delete", "get", "list_", "update"]
@@ -68,7 +70,7 @@ def _check(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest("'log_payloads' must be true or false.", param="log_payloads",
                              code="invalid_type")
     if "upstream_url" in values:
-        check_url(values["upstream_url"])
+        values["upstream_url"] = check_url(values["upstream_url"])
     if "upstream_model" in values:
         check_text(values["upstream_model"], "upstream_model", 200)
     check_api_key(values.get(_SECRET))
@@ -121,11 +123,11 @@ def create(store: Store, actor: Actor, name: str, **values: Any) -> ModelRecord:
         # log_payloads is written even when off: its audit row says so explicitly
         row = {"display_name": name, "type": "llm", "upstream_model": name, "enabled": True,
                "company_ids": None, "log_payloads": False, **values, "name": name}
+        key = seal(store, row.get(_SECRET))  # the audit row says only whether one is set
         model_id = ch.conn.execute(insert(models).values(
-            **row, version=ch.version, created_at=ch.at, updated_at=ch.at
+            **{**row, _SECRET: key}, version=ch.version, created_at=ch.at, updated_at=ch.at
         ).returning(models.c.id)).scalar_one()
-        replicas.add(ch, model_id, url=row["upstream_url"],
-                     upstream_api_key=row.get("upstream_api_key"))
+        replicas.add(ch, model_id, url=row["upstream_url"], upstream_api_key=key)
         ch.audit("model.create", "model", model_id, None,
                  {k: [None, _masked(k, v)] for k, v in row.items()})
         return live_model(ch.conn, name)
@@ -147,9 +149,13 @@ def update(store: Store, actor: Actor, name: str, /, **changes: Any) -> ModelRec
         if changes.get("display_name", "") is None:
             changes["display_name"] = changes.get("name", before.name)
         diff = {k: [_masked(k, getattr(before, k)), _masked(k, v)]
-                for k, v in changes.items() if _norm(getattr(before, k)) != _norm(v)}
+                for k, v in changes.items()
+                if (not same_key(store, before.upstream_api_key, v) if k == _SECRET
+                    else _norm(getattr(before, k)) != _norm(v))}
         if not diff:
             return before
+        if _SECRET in diff:
+            changes[_SECRET] = seal(store, changes[_SECRET])
         if "name" in diff:
             _unique(ch.conn, changes["name"])
         replicas.set_only(ch, before, {k: changes[k] for k in diff})

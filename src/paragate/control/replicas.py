@@ -16,7 +16,16 @@ from sqlalchemy import update as sql_update
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..store import Change, ModelRecord, ReplicaRecord, Store, replica_of
 from ..store.schema import model_replicas, models
-from .common import Actor, check_api_key, check_int, check_url, live_model, require_admin
+from .common import (
+    Actor,
+    check_api_key,
+    check_int,
+    check_url,
+    live_model,
+    require_admin,
+    same_key,
+    seal,
+)
 
 __all__ = ["FIELDS", "MAX_WEIGHT", "create", "delete", "list_", "update"]
 
@@ -36,11 +45,11 @@ def _check(values: dict[str, Any]) -> dict[str, Any]:
         if required in values and values[required] is None:
             raise InvalidRequest(f"'{required}' cannot be unset.", param=required)
     if "url" in values:
-        check_url(values["url"], "url")
+        values["url"] = check_url(values["url"], "url")
     check_int(values.get("weight"), "weight", 1, MAX_WEIGHT)
     check_api_key(values.get(_SECRET))
     if values.get("health_url") is not None:
-        check_url(values["health_url"], "health_url")
+        values["health_url"] = check_url(values["health_url"], "health_url")
     return values
 
 
@@ -114,7 +123,8 @@ def create(store: Store, actor: Actor, model: str, **values: Any) -> ReplicaReco
         if any(r.url == values["url"] for r in _replicas(ch.conn, found.id)):
             raise Conflict(f"The model '{found.name}' has a replica at {values['url']} "
                            "already.", param="url")
-        replica_id = add(ch, found.id, **values)
+        replica_id = add(ch, found.id, **{
+            **values, _SECRET: seal(store, values.get(_SECRET))})
         created = _replica(ch.conn, found, replica_id)
         ch.audit("replica.create", "replica", replica_id, None,
                  {"model": [None, found.name], **{
@@ -132,9 +142,13 @@ def update(store: Store, actor: Actor, model: str, replica_id: int, /,
         found = live_model(ch.conn, model)
         before = _replica(ch.conn, found, replica_id)
         diff = {k: [_masked(k, getattr(before, k)), _masked(k, v)]
-                for k, v in changes.items() if getattr(before, k) != v}
+                for k, v in changes.items()
+                if (not same_key(store, before.upstream_api_key, v) if k == _SECRET
+                    else getattr(before, k) != v)}
         if not diff:
             return before
+        if _SECRET in diff:
+            changes[_SECRET] = seal(store, changes[_SECRET])
         _check_discover(changes.get("url", before.url),
                         changes.get("discover", before.discover),
                         changes.get("health_url", before.health_url))

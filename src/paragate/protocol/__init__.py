@@ -1,6 +1,7 @@
 """The requests the gateway forwards to models: one module per endpoint over the shared
-field machinery of ``fields``."""
+field machinery of ``fields``, and the body decoding of ``bodies``."""
 
+from .bodies import BodyLimits, json_body
 from .chat import ChatRequest, parse_chat
 from .completions import FIELDS, CompletionRequest, parse_request
 from .embeddings import EmbeddingRequest, parse_embeddings
@@ -10,12 +11,14 @@ from .tokenize import TokenizeRequest, parse_tokenize
 __all__ = [
     "FIELDS",
     "MAX_STOP",
+    "BodyLimits",
     "ChatRequest",
     "CompletionRequest",
     "EmbeddingRequest",
     "Field",
     "ModelRequest",
     "TokenizeRequest",
+    "json_body",
     "parse_chat",
     "parse_embeddings",
     "parse_request",

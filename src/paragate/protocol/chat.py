@@ -12,6 +12,8 @@ from ..errors import InvalidRequest
 from .completions import FIELDS as _COMPLETION_FIELDS
 from .completions import too_large
 from .fields import (
+    LIMITS,
+    BodyLimits,
     Field,
     ModelRequest,
     check_fields,
@@ -19,6 +21,7 @@ from .fields import (
     check_priority,
     checked_fields,
     decode_body,
+    excerpt,
     required_model,
     stream_flags,
 )
@@ -128,9 +131,10 @@ class ChatRequest(ModelRequest):
                          else "max_tokens"), estimate
 
 
-def parse_chat(content_type: bytes | None, raw: bytes) -> ChatRequest:
+def parse_chat(content_type: bytes | None, raw: bytes,
+               limits: BodyLimits = LIMITS) -> ChatRequest:
     """Decode a JSON (or form: ``messages`` and ``tools`` as JSON text) body and check it."""
-    body, as_sent = decode_body(content_type, raw, _BY_NAME)
+    body, as_sent = decode_body(content_type, raw, _BY_NAME, limits=limits)
     model = required_model(body)
     check_messages(body.get("messages"))
     check_fields(body, _CHECKED)
@@ -170,7 +174,7 @@ def check_messages(messages: Any) -> None:
         if not isinstance(role, str) or not role:
             raise _bad(f"{at}.role", f"'{at}.role' must be a non-empty string (system, "
                        "developer, user, assistant, tool, or a role the model's chat "
-                       f"template knows), got {msgspec.json.encode(role).decode()}.",
+                       f"template knows), got {excerpt(role)}.",
                        "invalid_type")
         content = message.get("content")
         if isinstance(content, list):
@@ -236,7 +240,7 @@ def _check_tools(body: dict[str, Any]) -> None:
     if isinstance(choice, str):
         raise _bad("tool_choice", "'tool_choice' must be none, auto, required or "
                    "{\"type\": \"function\", \"function\": {\"name\": ...}}, got "
-                   f"{choice!r}.")
+                   f"{excerpt(choice)}.")
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
@@ -244,8 +248,8 @@ def _check_tools(body: dict[str, Any]) -> None:
                    "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
                    "invalid_type")
     if name not in names:
-        raise _bad("tool_choice", f"'tool_choice' names the function {name!r}, which is "
-                   "not among 'tools'.")
+        raise _bad("tool_choice", f"'tool_choice' names the function {excerpt(name)}, "
+                   "which is not among 'tools'.")
 
 
 def _check_response_format(fmt: Any) -> None:
@@ -257,7 +261,7 @@ def _check_response_format(fmt: Any) -> None:
                    f"{', '.join(_FORMATS)}.", "missing_field")
     if kind not in _FORMATS:
         raise _bad("response_format.type", "'response_format.type' must be one of "
-                   f"{', '.join(_FORMATS)}, got {msgspec.json.encode(kind).decode()}.")
+                   f"{', '.join(_FORMATS)}, got {excerpt(kind)}.")
     if kind == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
         raise _bad("response_format.json_schema", "'response_format.json_schema' is "
                    "required with type json_schema: {\"name\": ..., \"schema\": {...}}.",

@@ -13,6 +13,8 @@ from typing import Any
 
 from ..errors import InvalidRequest, ReservationTooLarge
 from .fields import (
+    LIMITS,
+    BodyLimits,
     Field,
     ModelRequest,
     check_fields,
@@ -137,9 +139,10 @@ def too_large(tokens: int, max_request_tokens: int, model: str, *,
     return tokens
 
 
-def parse_request(content_type: bytes | None, raw: bytes) -> CompletionRequest:
+def parse_request(content_type: bytes | None, raw: bytes,
+                  limits: BodyLimits = LIMITS) -> CompletionRequest:
     """Decode a JSON, urlencoded or multipart body and check it."""
-    body, as_sent = decode_body(content_type, raw, _BY_NAME)
+    body, as_sent = decode_body(content_type, raw, _BY_NAME, limits=limits)
     return _check(body, as_sent)
 
 

@@ -8,6 +8,8 @@ from typing import Any
 from ..errors import InvalidRequest
 from .completions import too_large
 from .fields import (
+    LIMITS,
+    BodyLimits,
     Field,
     ModelRequest,
     check_fields,
@@ -64,8 +66,9 @@ class EmbeddingRequest(ModelRequest):
                          advice="send fewer or shorter inputs"), estimate
 
 
-def parse_embeddings(content_type: bytes | None, raw: bytes) -> EmbeddingRequest:
-    body, as_sent = decode_body(content_type, raw, _BY_NAME)
+def parse_embeddings(content_type: bytes | None, raw: bytes,
+                     limits: BodyLimits = LIMITS) -> EmbeddingRequest:
+    body, as_sent = decode_body(content_type, raw, _BY_NAME, limits=limits)
     return _check(body, as_sent)
 
 

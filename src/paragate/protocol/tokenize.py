@@ -11,6 +11,8 @@ from ..errors import InvalidRequest
 from .chat import FIELDS as _CHAT_FIELDS
 from .chat import check_messages
 from .fields import (
+    LIMITS,
+    BodyLimits,
     Field,
     ModelRequest,
     check_fields,
@@ -54,8 +56,9 @@ class TokenizeRequest(ModelRequest):
         check_priority(self.body, allow_priority)
 
 
-def parse_tokenize(content_type: bytes | None, raw: bytes) -> TokenizeRequest:
-    body, as_sent = decode_body(content_type, raw, _BY_NAME)
+def parse_tokenize(content_type: bytes | None, raw: bytes,
+                   limits: BodyLimits = LIMITS) -> TokenizeRequest:
+    body, as_sent = decode_body(content_type, raw, _BY_NAME, limits=limits)
     model = required_model(body)
     prompt, messages = body.get("prompt"), body.get("messages")
     if (prompt is None) == (messages is None):

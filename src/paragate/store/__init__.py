@@ -15,8 +15,10 @@ stamped above the version it holds (``Store.changes``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from sqlalchemy import (
     Engine,
     RowMapping,
     String,
+    Table,
     cast,
     create_engine,
     event,
@@ -38,6 +41,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
+from ..config import Settings
+from ..secrets import Secrets, SecretsError, is_encrypted
 from . import usage
 from .records import (
     AuditRecord,
@@ -79,6 +84,7 @@ __all__ = [
     "model_of",
     "now",
     "replica_of",
+    "upstream_keys",
     "user_of",
 ]
 
@@ -86,6 +92,9 @@ NOTIFY_CHANNEL = "paragate_config"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # Any 64-bit number, the same in every paragate: serialises concurrent migrations.
 _MIGRATION_LOCK = 0x70617261676174  # "paragat"
+log = logging.getLogger("paragate.store")
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -122,7 +131,11 @@ class Store:
     """The engine, the migrations, and the few reads and writes that are not one
     aggregate's (the version, the changes, usage)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, secrets: Secrets | None = None) -> None:
+        """``secrets``: the keys of the upstream API keys (``secrets.py``); by default
+        those of a store with no key configured (a key file beside a SQLite database)."""
+        # what encrypts the upstream API keys written, and decrypts those loaded
+        self.secrets = secrets if secrets is not None else Secrets.for_database(url)
         parsed = make_url(url)
         if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship
@@ -131,6 +144,11 @@ class Store:
         self.engine: Engine = create_engine(parsed, pool_pre_ping=True)
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """The store of ``settings``, with its secret keys (ConfigError when bad)."""
+        return cls(settings.database_url, secrets=Secrets.from_settings(settings))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -147,6 +165,28 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+            self._encrypt_plaintext(conn)
+
+    def _encrypt_plaintext(self, conn: Connection) -> None:
+        """Encrypt the upstream API keys stored in plaintext (before encryption existed),
+        at every start: also those left when no key was configured yet. Not a config
+        change (no version): what the gateways hold stays true."""
+        found = [(table, row_id, value) for table, row_id, _, value in upstream_keys(conn)
+                 if not is_encrypted(value)]
+        if not found:
+            return
+        if not self.secrets.can_encrypt:
+            log.warning("%d upstream API key(s) are stored unencrypted: set "
+                        "PARAGATE_SECRET_KEY or secret_key_file, and they are encrypted at "
+                        "the next start", len(found))
+            return
+        for table, row_id, value in found:
+            # only if unchanged since read: a gateway running beside may have set another
+            conn.execute(update(table).where(
+                table.c.id == row_id, table.c.upstream_api_key == value).values(
+                upstream_api_key=self.secrets.encrypt(value)))
+        log.info("encrypted %d upstream API key(s) that were stored in plaintext",
+                 len(found))
 
     # -- the control plane ----------------------------------------------------------------
 
@@ -173,7 +213,11 @@ class Store:
             return int(conn.execute(select(config_state.c.version)).scalar_one())
 
     def changes(self, since: int) -> Changes:
-        """Every config row stamped above ``since`` (all of them for ``since=0``).
+        """Every config row stamped above ``since`` (all of them for ``since=0``), the
+        replicas' upstream API keys decrypted: the gateway's one decryption, here in the
+        refresher's thread, never per request. A key that cannot be decrypted stays as
+        stored (the balancer keeps that replica out of service) and the replica is named
+        in ``Changes.undecryptable``.
 
         The version is read first: a writer bumps it and stamps its rows in one
         transaction, so every row up to that version is visible to the reads after it."""
@@ -188,6 +232,7 @@ class Store:
                     table.c.version, table.c.id)
                 return tuple(convert(r) for r in conn.execute(query).mappings())
 
+            replicas, undecryptable = self._decrypted(conn, rows(model_replicas, replica_of))
             return Changes(
                 since=since,
                 version=version,
@@ -195,8 +240,28 @@ class Store:
                 users=rows(users, user_of),
                 keys=rows(api_keys, key_of),
                 models=rows(models, model_of),
-                replicas=rows(model_replicas, replica_of),
+                replicas=replicas,
+                undecryptable=undecryptable,
             )
+
+    def _decrypted(self, conn: Connection, replicas: tuple[ReplicaRecord, ...]
+                   ) -> tuple[tuple[ReplicaRecord, ...], tuple[str, ...]]:
+        out, failed = [], []
+        for r in replicas:
+            key = r.upstream_api_key
+            if key is not None and is_encrypted(key):
+                try:
+                    r = replace(r, upstream_api_key=self.secrets.decrypt(key))
+                except SecretsError as exc:
+                    if r.deleted_at is None:
+                        failed.append((r, str(exc)))
+            out.append(r)
+        if not failed:
+            return tuple(out), ()
+        names = {row[0]: row[1] for row in conn.execute(select(models.c.id, models.c.name)
+                 .where(models.c.id.in_({r.model_id for r, _ in failed})))}
+        return tuple(out), tuple(f"replica {r.id} of model '{names.get(r.model_id, '?')}' "
+                                 f"({why})" for r, why in failed)
 
     def touch_keys(self, key_ids: Iterable[int], at: datetime) -> None:
         """Record when keys were last used. Not a config change: no version, no audit."""
@@ -301,6 +366,25 @@ def model_of(row: RowMapping) -> ModelRecord:
     ids = values["company_ids"]
     values["company_ids"] = tuple(ids) if ids is not None else None
     return ModelRecord(**values)
+
+
+def upstream_keys(conn: Connection) -> list[tuple[Table, int, str, str]]:
+    """Every stored upstream API key, deleted rows' too: (its table, its row's id, the
+    row in words, the value as stored)."""
+    found: list[tuple[Table, int, str, str]] = []
+    for row in conn.execute(select(models.c.id, models.c.name, models.c.upstream_api_key)
+                            .where(models.c.upstream_api_key.is_not(None))
+                            .order_by(models.c.id)):
+        found.append((models, row[0], f"model '{row[1]}'", row[2]))
+    for row in conn.execute(select(model_replicas.c.id, models.c.name,
+                                   model_replicas.c.upstream_api_key)
+                            .join_from(model_replicas, models,
+                                       model_replicas.c.model_id == models.c.id)
+                            .where(model_replicas.c.upstream_api_key.is_not(None))
+                            .order_by(model_replicas.c.id)):
+        found.append((model_replicas, row[0], f"replica {row[0]} of model '{row[1]}'",
+                      row[2]))
+    return found
 
 
 def replica_of(row: RowMapping) -> ReplicaRecord:

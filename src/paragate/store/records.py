@@ -77,7 +77,7 @@ class ModelRecord:
     upstream_model: str
     display_name: str = ""
     type: str = "llm"
-    upstream_api_key: str | None = None
+    upstream_api_key: str | None = None  # as stored: encrypted (secrets.py)
     enabled: bool = True
     company_ids: tuple[int, ...] | None = None  # None: every company
     max_logprobs: int | None = None
@@ -108,7 +108,7 @@ class ReplicaRecord:
     model_id: int
     url: str  # the vLLM base, as a model's upstream_url: http://host:8000/v1
     weight: int
-    upstream_api_key: str | None
+    upstream_api_key: str | None  # as stored (encrypted); decrypted in Store.changes
     enabled: bool
     draining: bool
     health_url: str | None  # where /health and /metrics are; None: url without /v1
@@ -121,9 +121,13 @@ class ReplicaRecord:
     @property
     def base_url(self) -> str:
         """Where vLLM serves /health, /metrics and /tokenize: its root."""
-        if self.health_url:
-            return self.health_url.rstrip("/")
-        url = self.url.rstrip("/")
+        return self.base_of(self.url, self.health_url)
+
+    @staticmethod
+    def base_of(url: str, health_url: str | None) -> str:
+        if health_url:
+            return health_url.rstrip("/")
+        url = url.rstrip("/")
         return url[:-3] if url.endswith("/v1") else url
 
 
@@ -155,6 +159,8 @@ class Changes:
     keys: tuple[KeyRecord, ...] = ()
     models: tuple[ModelRecord, ...] = ()
     replicas: tuple[ReplicaRecord, ...] = ()
+    # live replicas whose upstream API key none of the secret keys decrypts, in words
+    undecryptable: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:

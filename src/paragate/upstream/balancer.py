@@ -30,12 +30,22 @@ the client. It goes to a replica not tried yet, at most ``retries`` times and no
 503, a broken or timed-out answer, or a failed health check) take a replica out of
 rotation; the health checker probes it again after a back-off that doubles from
 ``base_backoff`` to ``max_backoff`` and re-admits it on the first good answer.
+
+**Misconfigured**: a replica whose stored URL fails the checks made where URLs are
+stored now (``urls.check``: a row from before them, with ``user:password@``, a query, a
+bad host or port), or whose upstream API key none of the secret keys could decrypt, is
+out of service until an administrator corrects it: never tried, never health-checked,
+shown as ejected with the reason, and logged once (its URL without credentials). Its
+clients get a 503 that names the model only.
+
+What a client is told never names a replica's address; the log line does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import random
 import time
@@ -50,7 +60,9 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ..secrets import is_encrypted
 from ..store import ReplicaRecord
+from . import urls
 from .pool import Response, Timeouts, Upstreams
 
 __all__ = ["Balancer", "Fleet", "Replica", "affinity_key"]
@@ -58,6 +70,9 @@ __all__ = ["Balancer", "Fleet", "Replica", "affinity_key"]
 _BUSY = (429, 503)  # vLLM's "queue full" and a rate limit in front of it: try elsewhere
 _SLACK = 8  # requests: how much busier than the least loaded an affine replica may be
 _MASK = (1 << 64) - 1
+_REPORT_EVERY = 10.0  # seconds between two log lines about one replica's failed tries
+
+log = logging.getLogger("paragate.upstream")
 
 
 def affinity_key(mode: str, body: Mapping[str, object], prefix_chars: int) -> int | None:
@@ -98,8 +113,9 @@ class Replica:
 
     __slots__ = ("_urls", "address", "api_key", "backoff", "base_url", "counted", "ejected",
                  "errors", "fails", "id", "inflight", "last_error", "latency_ms", "model",
-                 "others", "probe_at", "record", "requests", "running", "salt",
-                 "takes_traffic", "timer", "url", "waiting", "weight")
+                 "others", "probe_at", "problem", "record", "reported", "reported_at",
+                 "requests", "running", "salt", "takes_traffic", "timer", "url", "waiting",
+                 "weight")
 
     def __init__(self, record: ReplicaRecord, address: str | None = None) -> None:
         self.address = address  # a discovered replica: one address its name resolved to
@@ -116,14 +132,33 @@ class Replica:
         self.errors = 0
         self.latency_ms: float | None = None  # moving average, time to vLLM's headers
         self.last_error: str | None = None
+        self.reported_at = 0.0  # monotonic time of the last log line on a failed try
         self.configure(record)
 
     def configure(self, record: ReplicaRecord) -> None:
         self.record = record
         self.id = record.id
         self.salt = record.id * 0x9E3779B97F4A7C15 & _MASK  # mixed with affinity keys
-        url, base = record.url, record.base_url
-        if self.address is not None:
+        self.problem: str | None = None  # why it is out of service (misconfigured)
+        self.reported: ReplicaRecord | None = None  # the configuration it was logged for
+        # a row stored before the URL checks: never reached, shown without credentials
+        url, health = record.url, record.health_url
+        try:
+            url = urls.check(url)
+        except urls.BadURL as exc:
+            self.problem, url = f"its URL {exc}", urls.redacted(url)
+        if health is not None:
+            try:
+                health = urls.check(health)
+            except urls.BadURL as exc:
+                self.problem = self.problem or f"its health_url {exc}"
+                health = urls.redacted(health)
+        key = record.upstream_api_key
+        if key is not None and is_encrypted(key):  # Store.changes could not decrypt it
+            self.problem = "none of the secret keys decrypts its upstream API key"
+            key = None
+        base = ReplicaRecord.base_of(url, health)
+        if self.address is not None and self.problem is None:
             url, base = _at(url, self.address), _at(base, self.address)
             self.salt ^= _mix(int.from_bytes(hashlib.blake2b(
                 self.address.encode(), digest_size=8).digest(), "big"))
@@ -133,9 +168,13 @@ class Replica:
         self.timer: Callable[[float], None] | None = None  # its response-time histogram
         # its request and error counters (``Balancer.counters``), once it has a model
         self.counted: tuple[Callable[[float], None], Callable[[float], None]] | None = None
-        self.api_key = record.upstream_api_key
+        self.api_key = key
         self.weight = max(record.weight, 1)
-        self.takes_traffic = record.enabled and not record.draining
+        self.takes_traffic = record.enabled and not record.draining and self.problem is None
+        if self.problem is not None:
+            self.last_error = f"misconfigured: {self.problem}"
+        elif self.last_error is not None and self.last_error.startswith("misconfigured:"):
+            self.last_error = None
 
     def endpoint(self, path: str) -> str:
         """The URL of an upstream path: ``completions`` lies under the replica's URL
@@ -153,8 +192,10 @@ class Replica:
 
     @property
     def state(self) -> str:
-        """``draining`` (an administrator's: draining or disabled), ``ejected`` or
-        ``healthy``."""
+        """``draining`` (an administrator's: draining or disabled), ``ejected`` (also a
+        misconfigured one: ``last_error`` says why) or ``healthy``."""
+        if self.problem is not None and self.record.enabled and not self.record.draining:
+            return "ejected"
         if not self.takes_traffic:
             return "draining"
         return "ejected" if self.ejected else "healthy"
@@ -231,6 +272,10 @@ class Fleet:
         if not self.members:
             return NoReplica(f"The model '{self.model}' has no replica to send to (a "
                              "discovered name has resolved to no address yet).")
+        if all(r.problem is not None for r in self.members):
+            return NoReplica(f"The model '{self.model}' cannot be served: the configuration "
+                             "of its model server is invalid; an administrator must correct "
+                             "it.", code="upstream_misconfigured")
         states = sorted({r.state for r in self.members})
         return NoReplica(f"Every replica of the model '{self.model}' is out of rotation "
                          f"({', '.join(states)}); try again shortly.")
@@ -286,6 +331,11 @@ class Balancer:
             members.append(replica)
         for replica in members:
             replica.model = model
+            if replica.problem is not None and replica.reported is not replica.record:
+                replica.reported = replica.record  # once per configuration
+                log.error("replica %d of model '%s' (%s) is out of service until an "
+                          "administrator corrects it: %s", replica.id, model, replica.url,
+                          replica.problem)
         fleet = self.fleets[model_id] = Fleet(model, replicas, members)
         fleet.generation = self._generation
         return fleet
@@ -368,6 +418,20 @@ class Balancer:
         replica.probe_at = now + replica.backoff
         replica.ejected = True
 
+    def _lost(self, replica: Replica, exc: GatewayError) -> None:
+        """A try failed: counted against the replica, and logged with what the client is
+        not told (the replica's address, the system's reason), at most every
+        ``_REPORT_EVERY`` seconds for one replica."""
+        cause = exc.__cause__
+        detail = exc.message + (f" ({cause})" if isinstance(cause, OSError) and str(cause)
+                                else "")
+        self.failed(replica, detail)
+        now = time.monotonic()
+        if now - replica.reported_at >= _REPORT_EVERY:
+            replica.reported_at = now
+            log.warning("model '%s' replica %d (%s): %s [%d failure(s) in a row]",
+                        replica.model, replica.id, replica.url, detail, replica.fails)
+
     def readmit_due(self) -> None:
         """Without probes: replicas whose back-off is over take traffic again."""
         now = time.monotonic()
@@ -432,7 +496,7 @@ class Balancer:
                     try:
                         yield replica, resp
                     except (UpstreamFailed, UpstreamTimeout) as exc:
-                        self.failed(replica, exc.message)
+                        self._lost(replica, exc)
                         raise
                     if resp.failure is not None:
                         self.failed(replica, resp.failure)
@@ -444,12 +508,12 @@ class Balancer:
             except UpstreamUnavailable as exc:  # could not connect: never sent
                 if yielded:
                     raise
-                self.failed(replica, exc.message)
+                self._lost(replica, exc)
                 if not self._can_retry(fleet, tried, first):
                     raise
             except (UpstreamFailed, UpstreamTimeout) as exc:
                 if not yielded:  # broken or silent before the headers: maybe processed
-                    self.failed(replica, exc.message)
+                    self._lost(replica, exc)
                 raise
             finally:
                 replica.inflight -= 1

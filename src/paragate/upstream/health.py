@@ -137,8 +137,8 @@ class HealthChecker:
         for fleet in self.sync():
             queue = fleet.single is None
             for replica in fleet.members:
-                if not replica.record.enabled:
-                    continue
+                if not replica.record.enabled or replica.problem is not None:
+                    continue  # a misconfigured one is not reached at all
                 if replica.ejected and now < replica.probe_at:
                     continue
                 checks.append(self.check(replica, queue))

@@ -15,6 +15,11 @@ Every failure is translated here, once, into the error a client sees:
   504 ``upstream_total_timeout``;
 - the connection broke, or the answer is not HTTP: 502 ``upstream_error``.
 
+Their messages go to clients, so they never name the upstream's address (nor its
+credentials): "The model server is unreachable (Connection refused)." The address, and
+the system's own words (which may name it), stay for the log: the error's ``__cause__``,
+which the balancer logs with the replica's URL.
+
 The timeouts are the pool's (``connect_timeout``, ``read_timeout`` for both the first
 byte and the gaps) unless a request brings its own ``Timeouts`` (a model's).
 
@@ -25,6 +30,7 @@ where it should go) is the caller's decision, which knows the fleet.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -59,9 +65,9 @@ class Timeouts:
 
 
 _HIGH_WATER = 1 << 20  # stop reading from vLLM while this much is buffered, unread
-_Origin = tuple[str, str, int]  # scheme, host, port
-# origin key, origin text, request head up to the Content-Length value, and after it
-_Target = tuple[_Origin, str, bytes, bytes]
+_Origin = tuple[str, str, int]  # scheme, host (ASCII), port
+# origin key, request head up to the Content-Length value, and after it
+_Target = tuple[_Origin, bytes, bytes]
 
 
 class _Connection(asyncio.Protocol):
@@ -181,14 +187,36 @@ class _Connection(asyncio.Protocol):
 
 
 def _where(url: str) -> tuple[SplitResult, _Origin, str]:
-    """``url``'s parts, its pool key and its origin; 503 unless http(s)."""
-    parts = urlsplit(url)
-    origin = f"{parts.scheme}://{parts.netloc}"
-    if parts.scheme not in ("http", "https"):
-        raise UpstreamUnavailable(f"The upstream {origin} is not http:// or https://.")
-    key = (parts.scheme, parts.hostname or "127.0.0.1",
-           parts.port or (443 if parts.scheme == "https" else 80))
-    return parts, key, origin
+    """``url``'s parts, its pool key and its ``Host`` header: the host in IDNA form with
+    the port, never a ``user:password@``. URLs are checked where they are stored
+    (``urls.check``); this is the last line, a 503 for what got past."""
+    bad = UpstreamUnavailable("The model server's address is not a valid http:// or "
+                              "https:// URL; an administrator must correct it.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+        if host and not host.isascii():
+            host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise bad
+    name = f"[{host}]" if ":" in host else host
+    key = (parts.scheme, host, port or (443 if parts.scheme == "https" else 80))
+    return parts, key, name + (f":{port}" if port is not None else "")
+
+
+def _reason(exc: OSError) -> str:
+    """The system's reason, in words that never name the address ("Connect call failed
+    ('10.0.0.5', 8000)" would): the errno's text, or a lookup's."""
+    if isinstance(exc, socket.gaierror):
+        return "its host name does not resolve"
+    if isinstance(exc, ssl.SSLError):  # its message may name the host a certificate lacks
+        return f"TLS: {exc.reason or 'handshake failed'}"  # CERTIFICATE_VERIFY_FAILED...
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)  # Connection refused, Too many open files...
+    return "connection failed"
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -199,10 +227,9 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class Response:
     """The answer to one request: ``status``, then ``read()`` or ``iter_chunks()``."""
 
-    def __init__(self, conn: _Connection, origin: str, first_byte: float, idle: float,
+    def __init__(self, conn: _Connection, first_byte: float, idle: float,
                  deadline: float | None = None) -> None:
         self._conn = conn
-        self._origin = origin
         self._first_byte = first_byte
         self._idle = idle
         self._deadline = deadline  # loop time
@@ -234,9 +261,9 @@ class Response:
                 error, what = UpstreamIdleTimeout, f"sent nothing for {wait:g} s"
             else:
                 error, what = UpstreamFirstByteTimeout, f"sent nothing for {wait:g} s"
-            raise error(f"The model server at {self._origin} {what}.") from None
+            raise error(f"The model server {what}.") from None
         if conn.broken and not conn.complete:
-            raise UpstreamFailed(f"The model server at {self._origin} {conn.broken}.")
+            raise UpstreamFailed(f"The model server {conn.broken}.")
 
     async def read(self) -> bytes:
         parts = []
@@ -280,7 +307,7 @@ class Upstreams:
             self._tls_context = ssl.create_default_context()
         return self._tls_context
 
-    async def _connect(self, key: _Origin, origin: str, *, count: bool = True,
+    async def _connect(self, key: _Origin, *, count: bool = True,
                        seconds: float | None = None) -> _Connection:
         scheme, host, port = key
         tls = self._tls() if scheme == "https" else None
@@ -293,12 +320,11 @@ class Upstreams:
                     server_hostname=host if tls else None)
         except TimeoutError as exc:
             raise UpstreamConnectTimeout(
-                f"The model server at {origin} did not accept a connection within "
-                f"{limit:g} s.") from exc
+                f"The model server did not accept a connection within {limit:g} s."
+            ) from exc
         except OSError as exc:
-            why = exc.strerror or str(exc) or type(exc).__name__  # "Too many open files"...
             raise UpstreamUnavailable(
-                f"The model server at {origin} is unreachable ({why}).") from exc
+                f"The model server is unreachable ({_reason(exc)}).") from exc
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -329,11 +355,11 @@ class Upstreams:
 
     def _target(self, url: str, api_key: str | None) -> _Target:
         """Where ``url`` leads and the request head for it, worked out once per URL."""
-        parts, key, origin = _where(url)
+        parts, key, host = _where(url)
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         target = (
-            key, origin,
-            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            key,
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {host}\r\n"
             "Content-Type: application/json\r\nContent-Length: ".encode("latin-1"),
             f"\r\n{auth}\r\n".encode("latin-1"),
         )  # fmt: skip
@@ -352,7 +378,7 @@ class Upstreams:
         bounds the whole answer: a model's total timeout. ``headers``: more header
         lines, each ending in CRLF (``traceparent``)."""
         target = self._targets.get((url, api_key)) or self._target(url, api_key)
-        key, origin, head_start, head_end = target
+        key, head_start, head_end = target
         head = (b"%s%d%s" % (head_start, len(body), head_end) if not headers else
                 b"%s%d\r\n%s%s" % (head_start, len(body), headers, head_end[2:]))
         limit = self._limits.get(key)
@@ -370,12 +396,12 @@ class Upstreams:
             # ``max_idle`` is not used at all, which keeps clear of the server's own
             # keep-alive timeout (vLLM's uvicorn: 5 s) racing the write.
             conn = self._acquire_idle(key) or await self._connect(
-                key, origin, seconds=timeouts.connect if timeouts else None)
+                key, seconds=timeouts.connect if timeouts else None)
             conn.reset()
             assert conn.transport is not None
             conn.transport.write(head + body)
             response = Response(
-                conn, origin, timeouts.first_byte if timeouts else self._read_timeout,
+                conn, timeouts.first_byte if timeouts else self._read_timeout,
                 timeouts.idle if timeouts else self._read_timeout, deadline)
             while not conn.headers_done:
                 await response._progress()
@@ -397,26 +423,28 @@ class Upstreams:
         the health checks (``/health``, ``/metrics``), kept out of the request pool
         and out of ``opened``. Raises the usual errors, ``UpstreamTimeout`` after
         ``seconds`` in all."""
-        parts, key, origin = _where(url)
+        parts, key, host = _where(url)
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         conn: _Connection | None = None
         try:
             async with asyncio.timeout(seconds):
-                conn = await self._connect(key, origin, count=False)
+                conn = await self._connect(key, count=False)
                 assert conn.transport is not None
-                conn.transport.write(f"GET {path or '/'} HTTP/1.1\r\nHost: {parts.netloc}"
+                conn.transport.write(f"GET {path or '/'} HTTP/1.1\r\nHost: {host}"
                                      "\r\nConnection: close\r\n\r\n".encode("latin-1"))
-                response = Response(conn, origin, seconds, seconds)
+                response = Response(conn, seconds, seconds)
                 parts_read: list[bytes] = []
                 size = 0
                 async for chunk in response.iter_chunks():
                     parts_read.append(chunk)
                     size += len(chunk)
                     if size > max_bytes:
-                        raise UpstreamFailed(f"{url} answered more than {max_bytes} bytes.")
+                        raise UpstreamFailed(f"The model server answered more than "
+                                             f"{max_bytes} bytes.")
                 return conn.status, b"".join(parts_read)
         except TimeoutError:
-            raise UpstreamTimeout(f"{url} did not answer within {seconds:g} s.") from None
+            raise UpstreamTimeout(f"The model server did not answer within {seconds:g} s."
+                                  ) from None
         finally:
             if conn is not None and conn.transport is not None:
                 conn.transport.close()
