@@ -557,3 +557,58 @@ async def test_model_access(api: httpx.AsyncClient, world: World, key: str, mode
         assert r.json()["error"]["code"] == "model_not_found"
         assert_same_404(r, model, missing, MISSING["model"])
 
+
+
+# -- another company's model, through every endpoint that names one -----------------------
+
+# each endpoint that takes a model in its body, with a body it would accept
+MODEL_BODIES = {
+    "/api/v2/completions": {"prompt": "x", "max_tokens": 1},
+    "/api/v2/chat/completions": {"messages": [{"role": "user", "content": "x"}],
+                                 "max_tokens": 1},
+    "/api/v2/embeddings": {"input": "x"},
+    "/api/v2/tokenize": {"prompt": "x"},
+}
+
+
+def _headers_alike(r: httpx.Response, other: httpx.Response) -> None:
+    varying = {"x-request-id", "x-paragate-overhead-ms", "content-length"}
+    assert [(k, v) for k, v in r.headers.items() if k not in varying] == [
+        (k, v) for k, v in other.headers.items() if k not in varying]
+    assert list(r.headers) == list(other.headers)  # the same headers, in the same order
+
+
+@pytest.mark.parametrize("caller", ["a_user", "a_admin", "a_restricted", "sysadmin"])
+async def test_another_companys_model_is_unknown_everywhere(
+        api: httpx.AsyncClient, world: World, caller: str) -> None:
+    """For a key of company A, company B's model does not exist: every endpoint that
+    names a model answers for it exactly as for a name nobody configured (status,
+    headers, body but for the name), it is in no listing and no status page, and the
+    usage report filtered by it is the empty report of an unknown model."""
+    headers = auth(world.secret[caller])
+    hidden, missing = "b-only", MISSING["model"]
+    for path, body in MODEL_BODIES.items():
+        for form in (False, True):
+            sent = ({"data": {"model": hidden, **{k: str(v) for k, v in body.items()
+                                                   if not isinstance(v, list)}}}
+                    if form and "messages" not in body else {"json": {"model": hidden, **body}})
+            r = await api.post(path, headers=headers, **sent)
+            unknown = {k: (dict(v, model=missing) if isinstance(v, dict) else v)
+                       for k, v in sent.items()}
+            m = await api.post(path, headers=headers, **unknown)
+            assert r.json()["error"]["code"] == "model_not_found", (path, r.text)
+            assert_same_404(r, hidden, m, missing)
+            _headers_alike(r, m)
+    r, m = [await api.get(f"/api/v2/models/{name}", headers=headers)
+            for name in (hidden, missing)]
+    assert_same_404(r, hidden, m, missing)
+    _headers_alike(r, m)
+    for path in ("/api/v2/models", "/api/v2/status"):
+        listing = await api.get(path, headers=headers)
+        assert listing.status_code == 200, listing.text
+        assert hidden not in listing.text
+    r, m = [await api.get("/api/v2/reporting/usage", headers=headers,
+                          params={"model": name}) for name in (hidden, missing)]
+    assert r.status_code == m.status_code
+    assert r.content.replace(hidden.encode(), b"<m>") == m.content.replace(
+        missing.encode(), b"<m>")

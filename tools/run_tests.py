@@ -1,7 +1,9 @@
 """Run every test tier in order, timing each; `make test` calls this.
 
 Tiers: lint (ruff, mypy strict on src/), then pytest's in-process and real-server tests
-(SQLite and PostgreSQL), then the end-to-end tier against real vLLM (which installs
+(SQLite and PostgreSQL), then the fuzzing tier (tests/test_fuzz.py: schemathesis's
+generated cases against a real gateway in front of the fake vLLM; it prints how many it
+sent and fails below 5,000), then the end-to-end tier against real vLLM (which installs
 vLLM's CPU build into its own cached venv on first use), then the benchmark in its smoke
 mode (every step for about a second, no thresholds: it only proves the benchmark still
 runs), and bench/control_plane.py's and bench/usage.py's smoke modes likewise. `--fast`
@@ -50,7 +52,9 @@ def main() -> int:
         ("lint: ruff", [str(BIN / "ruff"), "check", "."]),
         ("lint: mypy --strict src/", [str(BIN / "mypy")]),
         ("tests: unit, in-process, real servers, PostgreSQL",
-         [sys.executable, "-m", "pytest", "-q", "-m", "not e2e"]),
+         [sys.executable, "-m", "pytest", "-q", "-m", "not e2e and not fuzz"]),
+        ("fuzz: schemathesis and hypothesis against a real gateway (fake vLLM)",
+         [sys.executable, "-m", "pytest", "-q", "-s", "-m", "fuzz"]),
     ]
     if not args.fast:
         tiers.append(("tests: end to end against real vLLM",

@@ -51,8 +51,8 @@ def _schema(f: Field) -> dict[str, Any]:
             schema["exclusiveMinimum"] = True
     if f.maximum is not None:
         schema["maximum"] = f.maximum
-    if f.enum:
-        schema["enum"] = list(f.enum)
+    if f.enum:  # with null among them where null is allowed (OpenAPI 3.0.3's rule)
+        schema["enum"] = [*f.enum, None] if schema.get("nullable") else list(f.enum)
     schema["description"] = f.description
     return schema
 
@@ -305,13 +305,21 @@ def _forwarded(op_id: str, summary: str, request: str, answer: dict[str, Any],
     }}
 
 
+def _sse(kind: str) -> dict[str, Any]:
+    """One event of a stream: its ``data`` is a JSON chunk, or ``[DONE]`` at the end."""
+    return {"type": "object", "required": ["data"], "description": f"Server-sent events: "
+            f"each `data` is a {kind} chunk (JSON) or an error object; the last is "
+            "`data: [DONE]`.", "properties": {
+                "data": {"type": "string"}, "event": {"type": "string"},
+                "id": {"type": "string"}}}
+
+
 _OBJECT = {"type": "object", "additionalProperties": True}
 _CHAT_ANSWER = {
     "application/json": {"schema": {**_OBJECT, "description": "vLLM's chat.completion "
                                     "object: id, object, created, model, choices "
                                     "(message, finish_reason, logprobs), usage."}},
-    "text/event-stream": {"schema": {"type": "string", "description": "chat.completion."
-                                     "chunk events, then `data: [DONE]`."}},
+    "text/event-stream": {"schema": _sse("chat.completion.chunk")},
 }
 _EMBEDDINGS_ANSWER = {"application/json": {"schema": {
     "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
@@ -363,7 +371,7 @@ def document() -> dict[str, Any]:
                         "content": {
                             "application/json": {
                                 "schema": {"$ref": "#/components/schemas/CompletionsResponse"}},
-                            "text/event-stream": {"schema": {"type": "string"}},
+                            "text/event-stream": {"schema": _sse("text_completion")},
                         },
                     },
                     **_ERRORS,

@@ -34,7 +34,7 @@ class Route:
     name: str
     upstream_url: str  # its first replica's vLLM base, e.g. http://host:8000/v1 (shown)
     upstream_model: str
-    upstream_api_key: str | None  # never rendered anywhere
+    upstream_api_key: str | None  # as stored (encrypted): views say only if one is set
     enabled: bool
     company_ids: frozenset[int] | None  # None: every company
     max_logprobs: int
@@ -59,6 +59,13 @@ class Route:
 
     def open_to(self, company_id: int) -> bool:
         return self.company_ids is None or company_id in self.company_ids
+
+
+# What ``Registry.resolve`` finds for a name no route has: a route open to no company.
+_NOWHERE = Route(id=-1, name="", upstream_url="", upstream_model="", upstream_api_key=None,
+                 enabled=False, company_ids=frozenset(), max_logprobs=0,
+                 max_logprobs_set=None, default_max_tokens=None, max_tokens_limit=None,
+                 display_name="", type="", created=0)
 
 
 @dataclass(slots=True)
@@ -254,10 +261,16 @@ class Registry:
         """The route of a model this principal may use, else 404 ``model_not_found``:
         unknown, disabled, not enabled for the company and not among the key's models
         all look the same."""
-        route = self.routes.get(model)
-        if route is None or not (route.company_ids is None or who.company_id in
-                                 route.company_ids) or not (
-                who.model_ids is None or route.id in who.model_ids):
+        # One path for all of them, so that neither the answer nor the work done tells
+        # a name nobody configured from another company's model: an unknown name is
+        # looked up as a route open to nobody, through the same checks (``&``, not a
+        # short-circuit), and refused by the same raise (bench/isolation.py counts the
+        # calls each makes).
+        route = self.routes.get(model, _NOWHERE)
+        company_ids, model_ids = route.company_ids, who.model_ids
+        if not ((route is not _NOWHERE)
+                & (company_ids is None or who.company_id in company_ids)
+                & (model_ids is None or route.id in model_ids)):
             raise ModelNotFound(model)
         return route
 

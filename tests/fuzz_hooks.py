@@ -1,0 +1,1 @@
+"""Loaded by schemathesis's runner in the fuzzing tier (``SCHEMATHESIS_HOOKS``)."""
