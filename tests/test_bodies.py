@@ -103,12 +103,26 @@ def nested(levels: int) -> bytes:
     return body('"x": ' + "[" * levels + "1" + "]" * levels)
 
 
+def test_containers_are_counted_before_the_body_is_decoded() -> None:
+    """A 4 MiB body of empty arrays took 2 s to decode and collect, holding the loop:
+    more than ``max_json_containers`` is refused before msgspec sees it."""
+    many = b"[" + b",".join([b"[]"] * 1_400_000) + b"]"
+    assert "more than 20000 arrays and objects" in refused(many)
+    assert "PARAGATE_MAX_JSON_CONTAINERS" in refused(many)
+    assert "more than 20000 arrays" in refused(nested(100_000))  # deep is also many
+    limits = BodyLimits(max_json_containers=10)
+    assert "more than 10 arrays" in refused(body('"x": [' + "[1]," * 9 + "1]"), limits)
+    assert json_value(body('"x": [' + "[1]," * 8 + "1]"), limits)  # 10 with the body's
+    # brackets in strings are not containers, escaped quotes included
+    assert json_value(body('"x": "' + '[{\\\"' * 10_000 + '"'), limits)
+
+
 def test_depth_is_limited_and_deep_bodies_do_not_recurse() -> None:
     # "x" is in the body's object: a value inside the top object and n arrays is n + 1 deep
     assert json_value(nested(127))["x"]
     assert "nested more than 128 levels deep" in refused(nested(128))
     assert "PARAGATE_MAX_JSON_DEPTH" in refused(nested(128))
-    for levels in (1000, 100_000):  # msgspec's own guard, then ours: no RecursionError
+    for levels in (1000, 15_000):  # msgspec's own guard, then ours: no RecursionError
         assert "nested more than 128" in refused(nested(levels))
         assert "nested more than 128" in refused(body('"x": ' + '{"a":' * levels + "1"
                                                       + "}" * levels))
@@ -490,7 +504,8 @@ async def test_a_megabyte_string_is_not_sent_back(big: httpx.AsyncClient, keys: 
     (b'{"name": "acme", "rate_limits": {"rpm": 1e999}}', "number out of range"),
     (b'{"name": "acme", "rate_limits": {"rpm": 18446744073709551616}}', "out of range"),
     (b'{"name": "\\ud800"}', "lone UTF-16 surrogate"),
-    (b'{"name": "acme", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "nested"),
+    (b'{"name": "acme", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested"),
+    (b'{"name": "acme", "x": [' + b"[]," * 20_000 + b"[]]}", "more than 20000 arrays"),
     (b'{"name": NaN}', "NaN"),
     # in uint64 but not int64: the store's integers are BIGINT (a model's companies was a 500)
     (b'{"name": "acme", "rate_limits": {"rpm": 9223372036854775808}}', "signed 64-bit"),

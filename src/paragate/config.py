@@ -83,6 +83,13 @@ SETTINGS: tuple[Setting, ...] = (
         "JSON), 1 to 512; a deeper one is answered 400.",
     ),
     Setting(
+        "max_json_containers",
+        20000,
+        "Most arrays and objects in a JSON body (or in a form field's JSON); a body with "
+        "more is answered 400 before it is decoded (millions of them would hold the "
+        "event loop for seconds).",
+    ),
+    Setting(
         "default_max_logprobs",
         5,
         "Largest `logprobs` a request may ask for, unless the model sets its own maximum.",
@@ -445,6 +452,7 @@ class Settings:
     max_form_fields: int = 256
     max_form_part_bytes: int = 1024 * 1024
     max_json_depth: int = 128
+    max_json_containers: int = 20000
     default_max_logprobs: int = 5
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
@@ -635,6 +643,8 @@ def _check(settings: Settings) -> Settings:
             raise ConfigError(f"{name}: must be at least 1")
     if not 1 <= settings.max_json_depth <= 512:  # msgspec's own guard is near 1000
         raise ConfigError("max_json_depth: must be between 1 and 512")
+    if settings.max_json_containers < 1:
+        raise ConfigError("max_json_containers: must be at least 1")
     try:
         settings.proxy_networks()
     except ValueError as exc:
