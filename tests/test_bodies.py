@@ -702,6 +702,10 @@ async def test_a_chunked_body_that_never_ends_is_cut(
     # The server closes rather than reading on (the wait above would time out). Its
     # 413 comes first, but closing with the client's bytes unread sends a reset, which
     # may reach the client before it has read the 413: then nothing is left to check.
+    # The reset may also come between the 413's head and its body.
     if answer:
         assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
-        assert b'"code":"request_too_large"' in answer
+        assert b"connection: close" in answer.lower()
+        rest = answer.partition(b"\r\n\r\n")[2]
+        if b"{" in rest:
+            assert b'"code":"request_too_large"' in rest, answer

@@ -468,8 +468,9 @@ async def test_openapi_request_schemas(client: httpx.AsyncClient) -> None:
             f"#/components/schemas/{name}"}
     chat_props = schemas["ChatCompletionsRequest"]["properties"]
     assert chat_props["temperature"]["maximum"] == 2 and chat_props["n"]["maximum"] == 128
+    # nullable (null: not given), so null is among the values (OpenAPI 3.0.3)
     assert schemas["EmbeddingsRequest"]["properties"]["encoding_format"]["enum"] == [
-        "float", "base64"]
+        "float", "base64", None]
     # completions' own schema is still exactly its table
     assert set(schemas["CompletionsRequest"]["properties"]) == {
         f.name for f in completions.FIELDS}
