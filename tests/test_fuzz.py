@@ -4,12 +4,14 @@
 Every operation is called with cases generated from its schema, valid ones and invalid
 ones, in each media type the operation takes (JSON, urlencoded, multipart), under four
 callers: a system admin's key, a company user's key, a key that does not exist, and no
-key. Then stateful sequences through the admin API (schemathesis follows the links it
-infers between operations: a company made, a user in it, a key for the user, used and
-revoked). Every answer must be one the document promises: no 5xx (but the upstream
-errors a case can legitimately cause are not among them here: the fake answers every
-model), the documented status codes, content types and bodies, and no hang (each call
-has a deadline).
+key. Then stateful sequences through the admin API, by schemathesis's runner, which
+follows the links it infers between operations (a company's id into a user's
+``company_id``, a user's id into a key's ``user_id``...), and one lifecycle written out
+(a key made through the API, used, revoked, refused: a link cannot carry a secret into
+a header). Every answer must be one the document promises: no 5xx (the fake answers
+every configured model, so no upstream error is legitimate here), the documented status
+codes, content types, bodies and SSE events, refusals that say clearly what is wrong,
+and no hang (each call has a deadline).
 
 The tier runs with ``pytest -m fuzz`` (``make test``'s own tier) and prints how many
 cases it sent; it fails below ``FUZZ_MIN_CASES``. ``PARAGATE_FUZZ_SCALE`` (default 1)
