@@ -99,8 +99,7 @@ async def forward(gw: Gateway, r: Request, op: Operation) -> None:
     try:
         raw = await read_body(r.scope, r.receive, gw.settings.max_body_bytes)
         with trace.span("paragate.route"):
-            req = op.parse(header(r.scope, b"content-type"), raw,
-                           BodyLimits.of(gw.settings))
+            req = op.parse(header(r.scope, b"content-type"), raw, gw.body_limits)
             ex.model, ex.stream, ex.n = req.model, req.stream, req.n
             who = r.caller
             route = gw.registry.resolve(who, req.model)

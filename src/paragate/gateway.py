@@ -19,6 +19,7 @@ from .config import Settings
 from .logs import AccessLog
 from .metrics import SAMPLE_INTERVAL, Metrics
 from .metrics_port import MetricsPort
+from .protocol import BodyLimits
 from .refresher import Refresher
 from .registry import Registry
 from .shutdown import Shutdown
@@ -68,6 +69,10 @@ class Gateway:
     tracing: Tracing | None  # None: PARAGATE_OTLP_ENDPOINT unset
     metrics_port: MetricsPort | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    body_limits: BodyLimits = field(init=False)  # the settings' limits on a body, once
+
+    def __post_init__(self) -> None:
+        self.body_limits = BodyLimits.of(self.settings)
 
     @classmethod
     def build(cls, settings: Settings, store: Store | None = None) -> Gateway:

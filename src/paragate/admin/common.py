@@ -14,7 +14,7 @@ from ..asgi import header, read_body, request_id, send_json
 from ..control import Actor
 from ..errors import InvalidRequest, UnsupportedMediaType
 from ..gateway import Gateway
-from ..protocol import BodyLimits, json_body
+from ..protocol import json_body
 from ..routing import Request
 
 __all__ = ["actor", "body", "changed", "client_addr", "path_int", "reply", "run"]
@@ -98,7 +98,7 @@ async def body(gw: Gateway, r: Request, kind: type[S]) -> S:
             b"+json") and not curl_json:
         raise UnsupportedMediaType("The admin API takes application/json bodies.")
     raw = raw or b"{}"
-    if not _within_int64(json_body(raw, BodyLimits.of(gw.settings))):
+    if not _within_int64(json_body(raw, gw.body_limits)):
         raise InvalidRequest("The body holds an integer out of range: the admin API's "
                              "integers are signed 64-bit ones (-2^63 to 2^63-1).",
                              code="invalid_json")
