@@ -254,6 +254,14 @@ async def wait_usage(store: Store, done: Callable[[list[UsageRecord]], bool],
         await asyncio.sleep(0.05)
 
 
+async def caught_up(gateway: Gateway) -> None:
+    """Bring the gateway's view up to the store's version. Asserting that ``refresh()``
+    applied rows is racy: the refresher's own loop (woken by PostgreSQL's NOTIFY) may
+    have applied them already, and then ``refresh()`` rightly returns 0."""
+    await gateway.refresher.refresh()
+    assert gateway.registry.version == await asyncio.to_thread(gateway.store.version)
+
+
 def make_key(store: Store, name: str, *, is_admin: bool = False, user_id: int | None = None,
              allowed_models: list[str] | None = None, rate_limit_rpm: int | None = None,
              expires_at: datetime | None = None) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import pytest
 from paragate import control
 from paragate.app import PUBLIC_PATHS, ROUTES
 
-from .conftest import CLI, Keys
+from .conftest import CLI, Keys, caught_up
 from .test_completions import assert_envelope, auth
 
 
@@ -141,7 +141,7 @@ async def test_revocation_takes_effect_while_running(
     assert isinstance(gateway, Gateway)
     assert (await client.get("/api/v2/models", headers=auth(keys.full))).status_code == 200
     control.keys.revoke(gateway.store, CLI, keys.full_id)
-    assert await gateway.refresher.refresh()
+    await caught_up(gateway)
     r = await client.get("/api/v2/models", headers=auth(keys.full))
     assert_envelope(r, 401, "invalid_api_key")
 
@@ -158,7 +158,7 @@ async def test_a_key_expiring_while_cached_is_refused(
     assert isinstance(gateway, Gateway)
     token, _ = make_key(gateway.store, "short", expires_at=datetime.now(UTC) + timedelta(
         seconds=1))
-    assert await gateway.refresher.refresh()
+    await caught_up(gateway)
     assert (await client.get("/api/v2/models", headers=auth(token))).status_code == 200
     await asyncio.sleep(1.05)
     r = await client.get("/api/v2/models", headers=auth(token))

@@ -98,29 +98,44 @@ def text_of(chunks: list[dict[str, Any]]) -> dict[int, str]:
             for i, cs in by_choice(chunks).items()}
 
 
+def same_stream(t_chunks: list[dict[str, Any]], d_chunks: list[dict[str, Any]]) -> bool:
+    """Chunk for chunk; with several choices, each choice's chunks in order (vLLM
+    interleaves the choices as its scheduler runs, which varies from run to run)."""
+    if len({ch["index"] for c in d_chunks for ch in c["choices"]}) == 1:
+        return [strip(c) for c in t_chunks] == [strip(c) for c in d_chunks]
+    return by_choice(t_chunks) == by_choice(d_chunks) and [
+        strip(c) for c in t_chunks if not c["choices"]] == [
+        strip(c) for c in d_chunks if not c["choices"]]
+
+
 @pytest.mark.parametrize("usage", ["none", "final", "running"])
 @pytest.mark.parametrize("name", STREAM_CASES)
 def test_stream_identical(stack: Stack, name: str, usage: str) -> None:
     """paragate always asks vLLM for running and final usage; the client gets exactly
-    what it asked for: none, the final usage chunk, or usage on every chunk too."""
+    what it asked for: none, the final usage chunk, or usage on every chunk too.
+
+    vLLM puts the tokens that are ready when it sends into one chunk, so on a busy
+    machine one stream of the pair can merge two tokens that the other sends apart: such
+    a pair is sent again (three tries in all), never compared more loosely."""
     extra: dict[str, Any] = {"stream": True}
     if usage != "none":
         extra["stream_options"] = {"include_usage": True,
                                    **({"continuous_usage_stats": True}
                                       if usage == "running" else {})}
-    direct, through = both(stack, CASES[name], **extra)
-    assert direct.status_code == through.status_code == 200
-    assert through.headers["content-type"].startswith("text/event-stream")
-    d, t = events(direct), events(through)
-    assert d[-1] == t[-1] == "[DONE]"
-    d_chunks = [json.loads(e) for e in d[:-1]]
-    t_chunks = [json.loads(e) for e in t[:-1]]
+    for _attempt in range(3):
+        direct, through = both(stack, CASES[name], **extra)
+        assert direct.status_code == through.status_code == 200
+        assert through.headers["content-type"].startswith("text/event-stream")
+        d, t = events(direct), events(through)
+        assert d[-1] == t[-1] == "[DONE]"
+        d_chunks = [json.loads(e) for e in d[:-1]]
+        t_chunks = [json.loads(e) for e in t[:-1]]
+        if same_stream(t_chunks, d_chunks):
+            break
     assert {c["model"] for c in t_chunks} == {MODEL}
     if len({ch["index"] for c in d_chunks for ch in c["choices"]}) == 1:
         assert [strip(c) for c in t_chunks] == [strip(c) for c in d_chunks]
     else:
-        # With several choices vLLM interleaves them as its scheduler runs, which
-        # varies from run to run: each choice's chunks must match, in order.
         assert by_choice(t_chunks) == by_choice(d_chunks)
         assert [strip(c) for c in t_chunks if not c["choices"]] == [
             strip(c) for c in d_chunks if not c["choices"]]
