@@ -86,8 +86,19 @@ def bodies(limits: BodyLimits) -> Iterator[tuple[str, Parse, bytes, bytes]]:
         b"[" + b"[]," * (pad // 3) + b"0]")
     yield "JSON: one object, as many keys as fit", parse_request, JSON, body(
         b"{" + b",".join(b'"%x":0' % i for i in range(pad // 10)) + b"}")
+    keys = limits.max_json_keys - 3  # the body's own: model, prompt, x
+    yield f"JSON: one object of {keys:,} keys", parse_request, JSON, body(
+        b"{" + b",".join(b'"%x":0' % i for i in range(keys)) + b"}")
     yield "JSON: the same, one key twice (refused)", parse_request, JSON, body(
-        b"{" + b",".join(b'"%x":0' % i for i in range(pad // 10)) + b',"0":1}')
+        b"{" + b",".join(b'"%x":0' % i for i in range(keys - 1)) + b',"0":1}')
+    yield (f"JSON: {keys:,} keys and values that hold brackets and colons",
+           parse_request, JSON, body(b"{" + b",".join(
+               b'"[%x{:":"%s"' % (i, b"[{:" * ((pad // keys - 16) // 3))
+               for i in range(keys)) + b"}"))
+    yield "JSON: strings of brackets, as many as fit", parse_request, JSON, body(
+        b'["' + b'[{","' * (pad // 6) + b'"]')
+    yield "JSON: strings of brackets between arrays (refused)", parse_request, JSON, body(
+        b'["' + b'[",[],"' * (pad // 7) + b'"]')
     yield "JSON: a prompt of token ids, as many as fit", parse_request, JSON, (
         b'{"model": "m", "prompt": [' + b"1234," * (pad // 5) + b"1]}")
     message = json.dumps({"role": "user", "content": "Hi"}).encode() + b","
@@ -129,7 +140,8 @@ def main() -> None:
     limits = BodyLimits.of(Settings())
     print(f"max_body_bytes {LIMIT}, max_form_fields {limits.max_form_fields}, "
           f"max_form_part_bytes {limits.max_form_part_bytes}, "
-          f"max_json_depth {limits.max_json_depth}\n")
+          f"max_json_depth {limits.max_json_depth}, max_json_containers "
+          f"{limits.max_json_containers}, max_json_keys {limits.max_json_keys}\n")
     print("| body | bytes | answer | loop held, ms |")
     print("|---|---|---|---|")
     for what, parse, ctype, raw in bodies(limits):

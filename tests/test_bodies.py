@@ -29,6 +29,7 @@ from paragate.protocol.bodies import (
     LIMITS,
     UINT_MAX,
     JSONError,
+    _outside,
     excerpt,
     json_value,
     multipart_pairs,
@@ -115,6 +116,58 @@ def test_containers_are_counted_before_the_body_is_decoded() -> None:
     assert json_value(body('"x": [' + "[1]," * 8 + "1]"), limits)  # 10 with the body's
     # brackets in strings are not containers, escaped quotes included
     assert json_value(body('"x": "' + '[{\\\"' * 10_000 + '"'), limits)
+
+
+def test_keys_are_counted_before_the_body_is_decoded() -> None:
+    """A dict of 400,000 keys took 200 ms to build: more than ``max_json_keys`` keys,
+    all objects together, are refused before msgspec sees them."""
+    many = b"{" + b",".join(b'"%x":0' % i for i in range(100_001)) + b"}"
+    assert "more than 100000 object keys" in refused(many)
+    assert "PARAGATE_MAX_JSON_KEYS" in refused(many)
+    assert json_value(many[:many.rindex(b",")] + b"}")  # 100,000
+    limits = BodyLimits(max_json_keys=10)
+    assert "more than 10 object keys" in refused(body('"x": [' + '{"a":1},' * 8 + "1]"),
+                                                 limits)
+    assert json_value(body('"x": [' + '{"a":1},' * 6 + '{"a:b": "c:d"}]'), limits)
+    # many containers and keys, with strings full of marks between them: certainly over
+    # one of the two limits, before the strings are even cut out
+    limits = BodyLimits(max_json_containers=5, max_json_keys=5)
+    says = refused(b"[" + b'"[{:",[],' * 20 + b"0]", limits)
+    assert "more than 5 arrays and objects" in says and "or more than 5 object keys" in says
+
+
+MARKED_TEXT = st.text(st.sampled_from('"\\[]{}:,/ aé'), max_size=8)
+MARKED_VALUES = st.recursive(
+    st.none() | st.integers(0, 9) | MARKED_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(MARKED_TEXT, inner,
+                                                                max_size=4),
+    max_leaves=24)
+
+
+def containers_and_keys(value: Any) -> tuple[int, int]:
+    if isinstance(value, list):
+        counts = [containers_and_keys(v) for v in value]
+        return 1 + sum(c for c, _ in counts), sum(k for _, k in counts)
+    if isinstance(value, dict):
+        counts = [containers_and_keys(v) for v in value.values()]
+        return 1 + sum(c for c, _ in counts), len(value) + sum(k for _, k in counts)
+    return 0, 0
+
+
+@HYPOTHESIS
+@given(MARKED_VALUES, st.booleans())
+def test_marks_outside_strings_are_counted_exactly(value: Any, ascii: bool) -> None:
+    """``_outside`` keeps exactly the '[', '{' and ':' of the body's arrays, objects and
+    keys, whatever the strings hold (quotes and backslashes escaped, runs of them), and
+    gives up (None) only when there are more than it is asked for."""
+    raw = json.dumps(value, ensure_ascii=ascii).encode()
+    containers, keys = containers_and_keys(value)
+    bare = _outside(raw, 10**9)
+    assert bare is not None
+    assert (bare.count(b"[") + bare.count(b"{"), bare.count(b":")) == (containers, keys)
+    for most in range(containers + keys + 2):
+        got = _outside(raw, most)
+        assert got == bare or (got is None and containers + keys > most)
 
 
 def test_depth_is_limited_and_deep_bodies_do_not_recurse() -> None:

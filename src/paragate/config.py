@@ -90,6 +90,13 @@ SETTINGS: tuple[Setting, ...] = (
         "event loop for seconds).",
     ),
     Setting(
+        "max_json_keys",
+        100000,
+        "Most object keys in a JSON body (or in a form field's JSON), all objects "
+        "together; a body with more is answered 400 before it is decoded (a dict of "
+        "hundreds of thousands of keys takes a tenth of a second to build).",
+    ),
+    Setting(
         "default_max_logprobs",
         5,
         "Largest `logprobs` a request may ask for, unless the model sets its own maximum.",
@@ -453,6 +460,7 @@ class Settings:
     max_form_part_bytes: int = 1024 * 1024
     max_json_depth: int = 128
     max_json_containers: int = 20000
+    max_json_keys: int = 100000
     default_max_logprobs: int = 5
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 600.0
@@ -643,8 +651,9 @@ def _check(settings: Settings) -> Settings:
             raise ConfigError(f"{name}: must be at least 1")
     if not 1 <= settings.max_json_depth <= 512:  # msgspec's own guard is near 1000
         raise ConfigError("max_json_depth: must be between 1 and 512")
-    if settings.max_json_containers < 1:
-        raise ConfigError("max_json_containers: must be at least 1")
+    for name in ("max_json_containers", "max_json_keys"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1")
     try:
         settings.proxy_networks()
     except ValueError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -327,13 +327,23 @@ def _check_range(f: Field, value: float) -> None:
                          param=f.name)
 
 
-_STR, _INT = frozenset((str,)), frozenset((int,))  # exact types: a bool is no token id
+# msgspec's conversion is the C-speed check of a long list (a million token ids took a
+# tenth of a second with a generator, 50 ms with map and min, 20 ms this way); it is
+# strict: a bool is no token id, nor "5".
+_TOKEN_IDS = list[Annotated[int, msgspec.Meta(ge=0)]]
+
+
+def _all(values: list[Any], kind: Any) -> bool:
+    try:
+        msgspec.convert(values, kind)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 def _token_ids(values: list[Any]) -> bool:
-    """A non-empty list of integers >= 0, checked at C speed (a prompt of a million
-    token ids took a tenth of a second with a generator)."""
-    return bool(values) and _INT.issuperset(map(type, values)) and min(values) >= 0
+    """A non-empty list of integers >= 0."""
+    return bool(values) and _all(values, _TOKEN_IDS)
 
 
 def check_prompt(prompt: Any, name: str = "prompt") -> None:
@@ -341,9 +351,12 @@ def check_prompt(prompt: Any, name: str = "prompt") -> None:
     if isinstance(prompt, str):
         return
     if isinstance(prompt, list) and prompt:
-        if _STR.issuperset(map(type, prompt)) or _token_ids(prompt):
+        first = type(prompt[0])  # each test reads every item: only the one that can hold
+        if first is str and _all(prompt, list[str]):
             return
-        if all(isinstance(p, list) and _token_ids(p) for p in prompt):
+        if first is int and _token_ids(prompt):
+            return
+        if first is list and all(isinstance(p, list) and _token_ids(p) for p in prompt):
             return
     raise InvalidRequest(
         f"'{name}' must be a string, a non-empty list of strings, a non-empty list of "
