@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 import msgspec
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..errors import InvalidRequest, RequestTooLarge
 
@@ -467,6 +465,8 @@ class _Parts:
         self.value.clear()
 
     def headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
         kind, params = parse_options_header(self.headers.get(b"content-disposition"))
         name = params.get(b"name")
         if kind != b"form-data" or name is None:
@@ -507,7 +507,11 @@ def multipart_pairs(content_type: bytes, raw: bytes, limits: BodyLimits = LIMITS
                     ) -> list[tuple[str, str]]:
     """A multipart/form-data body's fields, parsed by python-multipart: at most
     ``max_form_fields`` parts (the next one stops the parse), each at most
-    ``max_form_part_bytes``, 8 headers of at most 4 KiB each."""
+    ``max_form_part_bytes``, 8 headers of at most 4 KiB each. (python-multipart, 4 MB
+    of a worker's memory, is imported by the first multipart body.)"""
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
     _, params = parse_options_header(content_type.decode("latin-1"))
     boundary = params.get(b"boundary")
     malformed = "The multipart/form-data body is malformed"
