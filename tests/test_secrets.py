@@ -375,3 +375,15 @@ def test_the_cli_rotates_from_the_generated_key_to_a_configured_one(tmp_path: Pa
     assert "nope" not in bad.stderr
     helped = _cli(tmp_path, "secrets", "--help").stdout
     assert "paragate secrets rotate" in helped and "remove the old key" in helped
+
+
+def test_cryptography_and_multipart_are_not_loaded_at_start() -> None:
+    """They cost a worker 13 MB (the idle target is < 80 MB): loaded when first used."""
+    code = ("import sys, paragate.cli, paragate.app, paragate.gateway, paragate.secrets; "
+            "from paragate.secrets import Secrets, generate_key; "
+            "Secrets.from_settings(__import__('paragate.config').config.Settings("
+            "secret_key=generate_key())); "
+            "print(sorted(m for m in ('cryptography', 'python_multipart') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
