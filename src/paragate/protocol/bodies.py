@@ -8,8 +8,8 @@ docs/benchmarks.md): a multipart body is parsed by python-multipart, whose scans
 ``bytes.find``, with the parts counted as they are seen (the standard library's
 ``email`` parser, used before, held the event loop for 10 to 20 s on 4 MiB of tiny
 parts); an urlencoded one is split with a bound and unescaped by ``binascii``; a JSON
-body is counted before it is decoded (``_over_json_limits``: the arrays, objects and
-keys that cost a Python object each and more), decoded by msgspec in one call and
+body's arrays, objects and keys, which cost a Python object each and more, are counted
+before it is decoded (``json_value``, ``_within_limits``), decoded by msgspec in one call and
 checked with a few C-speed passes over the bytes (``_check_json``). What stays is
 msgspec's own time on what the limits let through (a long prompt of token ids is the
 slowest per byte), bounded by ``max_body_bytes``.
@@ -156,11 +156,12 @@ def _within_limits(raw: bytes, limits: BodyLimits) -> tuple[int, int]:
         raise JSONError(f"has {_CONTAINERS_TEXT % containers} or {_KEYS_TEXT % keys}",
                         syntax=False)
     objects = bare.count(b"{")
-    if bare.count(b"[") + objects > containers:
+    found = bare.count(b"[") + objects
+    if found > containers:
         raise JSONError(f"has {_CONTAINERS_TEXT % containers}", syntax=False)
     if bare.count(b":") > keys:
         raise JSONError(f"has {_KEYS_TEXT % keys}", syntax=False)
-    return bare.count(b"[") + objects, objects
+    return found, objects
 
 
 _CONTAINERS_TEXT = ("more than %d arrays and objects (the limit is "
